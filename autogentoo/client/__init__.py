@@ -1,0 +1,1 @@
+"""agctl: the unprivileged client."""

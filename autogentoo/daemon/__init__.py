@@ -1,0 +1,1 @@
+"""The autogentoo daemon: everything that runs as root."""
