@@ -84,6 +84,8 @@ class JobConfig:
 class Limits:
     max_json_body: int = 1 << 20
     max_upload: int = 32 << 30
+    # An archive that would unpack to more than this is refused (a bomb).
+    max_root_bytes: int = 64 << 30
     # A client that connects and sends nothing is dropped after this.
     request_header_timeout: float = 30.0
 
@@ -139,6 +141,10 @@ class Config:
     def tmp_dir(self) -> Path:
         return self.state_dir / "tmp"
 
+    @property
+    def uploads_dir(self) -> Path:
+        return self.state_dir / "uploads"
+
 
 # --- parsing -----------------------------------------------------------------
 
@@ -183,7 +189,7 @@ def _enum(enum: type[StrEnum], value: Any, where: str) -> Any:
     try:
         return enum(value)
     except ValueError:
-        choices = ", ".join(e.value for e in enum)  # type: ignore[attr-defined]
+        choices = ", ".join(e.value for e in enum)
         raise ConfigError(
             f"{where}: {value!r} is not a valid {enum.__name__.lower()} (one of: {choices})"
         ) from None
@@ -203,9 +209,19 @@ def parse(data: Any, *, base: Config | None = None) -> Config:
     _reject_unknown(
         d,
         {
-            "socket", "socket_group", "socket_mode", "state_dir", "config_dir",
-            "stage3_dir", "kernel_source_dir", "storage", "caches", "jobs", "limits",
-            "policy", "recipes",
+            "socket",
+            "socket_group",
+            "socket_mode",
+            "state_dir",
+            "config_dir",
+            "stage3_dir",
+            "kernel_source_dir",
+            "storage",
+            "caches",
+            "jobs",
+            "limits",
+            "policy",
+            "recipes",
         },
         "config",
     )
@@ -243,14 +259,18 @@ def parse(data: Any, *, base: Config | None = None) -> Config:
         _reject_unknown(c, {"distfiles", "binpkgs", "repos"}, "caches")
         cur = cfg.caches
         kw["caches"] = CacheConfig(
-            distfiles=_path(c["distfiles"], "caches.distfiles") if "distfiles" in c else cur.distfiles,
+            distfiles=_path(c["distfiles"], "caches.distfiles")
+            if "distfiles" in c
+            else cur.distfiles,
             binpkgs=_path(c["binpkgs"], "caches.binpkgs") if "binpkgs" in c else cur.binpkgs,
             repos=_path(c["repos"], "caches.repos") if "repos" in c else cur.repos,
         )
 
     if "jobs" in d:
         j = _mapping(d["jobs"], "jobs")
-        _reject_unknown(j, {"max_parallel", "portage_tmpfs_size", "makeopts", "log_tail_bytes"}, "jobs")
+        _reject_unknown(
+            j, {"max_parallel", "portage_tmpfs_size", "makeopts", "log_tail_bytes"}, "jobs"
+        )
         cur_j = cfg.jobs
         size = j.get("portage_tmpfs_size", cur_j.portage_tmpfs_size)
         if not isinstance(size, str) or not _SIZE_RE.fullmatch(size):
@@ -259,19 +279,32 @@ def parse(data: Any, *, base: Config | None = None) -> Config:
             max_parallel=_int(j.get("max_parallel", cur_j.max_parallel), "jobs.max_parallel", 1),
             portage_tmpfs_size=size,
             makeopts=_str(j.get("makeopts", cur_j.makeopts), "jobs.makeopts"),
-            log_tail_bytes=_int(j.get("log_tail_bytes", cur_j.log_tail_bytes), "jobs.log_tail_bytes"),
+            log_tail_bytes=_int(
+                j.get("log_tail_bytes", cur_j.log_tail_bytes), "jobs.log_tail_bytes"
+            ),
         )
 
     if "limits" in d:
         lim = _mapping(d["limits"], "limits")
-        _reject_unknown(lim, {"max_json_body", "max_upload", "request_header_timeout"}, "limits")
+        _reject_unknown(
+            lim,
+            {"max_json_body", "max_upload", "max_root_bytes", "request_header_timeout"},
+            "limits",
+        )
         cur_l = cfg.limits
         timeout = lim.get("request_header_timeout", cur_l.request_header_timeout)
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-            raise ConfigError(f"limits.request_header_timeout: {timeout!r} is not a positive number")
+            raise ConfigError(
+                f"limits.request_header_timeout: {timeout!r} is not a positive number"
+            )
         kw["limits"] = Limits(
-            max_json_body=_int(lim.get("max_json_body", cur_l.max_json_body), "limits.max_json_body", 1024),
+            max_json_body=_int(
+                lim.get("max_json_body", cur_l.max_json_body), "limits.max_json_body", 1024
+            ),
             max_upload=_int(lim.get("max_upload", cur_l.max_upload), "limits.max_upload", 1),
+            max_root_bytes=_int(
+                lim.get("max_root_bytes", cur_l.max_root_bytes), "limits.max_root_bytes", 1
+            ),
             request_header_timeout=float(timeout),
         )
 

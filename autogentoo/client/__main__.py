@@ -1,0 +1,5 @@
+import sys
+
+from autogentoo.client.main import main
+
+sys.exit(main())

@@ -1,0 +1,424 @@
+"""agctl: ask the autogentoo daemon for work, locally or over SSH.
+
+Exit codes scripts can rely on: 0 success; for `run`, the command's own exit
+status; 1 a job failed; 2 bad usage or input; 3 not found; 4 not allowed;
+5 conflict (exists, busy); 6 refused as unsafe (archive, path, digest,
+kernel option); 7 no space or storage unavailable; 8 daemon unreachable or
+stopping; 9 internal error in the daemon; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from autogentoo import __version__
+from autogentoo.client import output
+from autogentoo.client.http import Client
+from autogentoo.errors import EXIT_CODES, EXIT_UNREACHABLE, EXIT_USAGE, AgError, Code
+
+Handler = Callable[[argparse.Namespace, Client], int]
+
+EXIT_INTERRUPTED = 130
+
+
+def _out(args: argparse.Namespace, value: Any, human: Callable[[Any], None]) -> int:
+    if args.json:
+        output.as_json(value)
+    else:
+        human(value)
+    return 0
+
+
+# --- jobs: submit, follow, finish ----------------------------------------------------
+
+
+def wait_job(
+    args: argparse.Namespace,
+    client: Client,
+    job: dict[str, Any],
+    *,
+    stream_to: Any = None,
+    exit_with_returncode: bool = False,
+) -> int:
+    """Follow a job's log until it ends; the exit code says how it ended."""
+    job_id = job["id"]
+    if args.detach:
+        return _out(args, job, lambda j: print(f"job {j['id']} {j['state']}"))
+    if stream_to is None:
+        stream_to = sys.stderr if (not args.json and not args.quiet) else None
+    cancelled = False
+    while True:
+        try:
+            offset = 0
+            for chunk in client.stream(f"/jobs/{job_id}/log", {"follow": True, "offset": offset}):
+                offset += len(chunk)
+                if stream_to is not None:
+                    stream_to.buffer.write(chunk)
+                    stream_to.flush()
+            break
+        except KeyboardInterrupt:
+            if cancelled:
+                return EXIT_INTERRUPTED
+            cancelled = True
+            print(
+                f"\nagctl: cancelling job {job_id} (Ctrl-C again to stop waiting)", file=sys.stderr
+            )
+            with contextlib.suppress(AgError):
+                client.call("POST", f"/jobs/{job_id}/cancel")
+    final = client.call("GET", f"/jobs/{job_id}")
+    if args.json:
+        output.as_json(final)
+    state = final["state"]
+    if state == "succeeded":
+        return 0
+    if exit_with_returncode and final.get("returncode") not in (None, 0):
+        rc = int(final["returncode"])
+        return 128 + (-rc) if rc < 0 else rc
+    err = final.get("error") or {}
+    if not args.json:
+        print(f"agctl: job {job_id} {state}: {err.get('message', '')}", file=sys.stderr)
+    if state == "cancelled":
+        return EXIT_INTERRUPTED
+    try:
+        return EXIT_CODES.get(Code(err.get("code", "job_failed")), 1)
+    except ValueError:
+        return 1
+
+
+def _detach(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--detach",
+        "-d",
+        action="store_true",
+        help="print the job and return at once instead of following it",
+    )
+
+
+# --- commands ---------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace, c: Client) -> int:
+    return _out(args, c.call("GET", "/status"), output.fields)
+
+
+def cmd_whoami(args: argparse.Namespace, c: Client) -> int:
+    me = c.call("GET", "/whoami")
+    _out(args, me, output.fields)
+    return 0 if me.get("role") != "none" else EXIT_CODES[Code.FORBIDDEN]
+
+
+def cmd_roots(args: argparse.Namespace, c: Client) -> int:
+    return _out(
+        args,
+        c.call("GET", "/roots"),
+        lambda rows: output.table(rows, ["name", "state", "backend", "owner_uid", "created"]),
+    )
+
+
+def _upload(args: argparse.Namespace, c: Client, path: str) -> dict[str, Any]:
+    # The file is read here, as the calling user, and streamed: the daemon
+    # never opens a path a client names.
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below, after the upload
+    except OSError as e:
+        raise AgError(f"cannot read {path}: {e.strerror}", code=Code.INVALID_ARGUMENT) from None
+    with f:
+        progress = output.Progress(f"uploading {Path(path).name}")
+        up: dict[str, Any] = c.upload(
+            "/uploads",
+            f,
+            query={"filename": Path(path).name},
+            progress=progress if not args.quiet else None,
+        )
+        return up
+
+
+def cmd_root_create(args: argparse.Namespace, c: Client) -> int:
+    body: dict[str, Any] = {"name": args.name}
+    if args.group:
+        body["group"] = args.group
+    if args.digests:
+        try:
+            body["digests"] = Path(args.digests).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise AgError(f"cannot read {args.digests}: {e}", code=Code.INVALID_ARGUMENT) from None
+    if os.sep in args.stage3 or os.path.exists(args.stage3):
+        body["upload"] = _upload(args, c, args.stage3)["id"]
+    else:
+        body["stage3"] = args.stage3
+    return wait_job(args, c, c.call("POST", "/roots", body=body))
+
+
+def cmd_root_show(args: argparse.Namespace, c: Client) -> int:
+    return _out(args, c.call("GET", f"/roots/{args.name}"), output.fields)
+
+
+def cmd_root_delete(args: argparse.Namespace, c: Client) -> int:
+    return wait_job(args, c, c.call("DELETE", f"/roots/{args.name}"))
+
+
+def cmd_root_snapshot(args: argparse.Namespace, c: Client) -> int:
+    return wait_job(
+        args, c, c.call("POST", f"/roots/{args.name}/snapshots", body={"snapshot": args.snapshot})
+    )
+
+
+def cmd_root_rollback(args: argparse.Namespace, c: Client) -> int:
+    return wait_job(
+        args, c, c.call("POST", f"/roots/{args.name}/rollback", body={"snapshot": args.snapshot})
+    )
+
+
+def cmd_root_clone(args: argparse.Namespace, c: Client) -> int:
+    body: dict[str, Any] = {"name": args.new}
+    if args.snapshot:
+        body["snapshot"] = args.snapshot
+    if args.group:
+        body["group"] = args.group
+    return wait_job(args, c, c.call("POST", f"/roots/{args.name}/clone", body=body))
+
+
+def cmd_bootstrap(args: argparse.Namespace, c: Client) -> int:
+    return wait_job(args, c, c.call("POST", f"/roots/{args.root}/bootstrap"))
+
+
+def cmd_cleanup(args: argparse.Namespace, c: Client) -> int:
+    res = c.call("POST", f"/roots/{args.root}/cleanup")
+
+    def human(r: dict[str, Any]) -> None:
+        for m in r["unmounted"]:
+            print(f"unmounted {m}")
+        for j in r["cancelled_jobs"]:
+            print(f"cancelled job {j}")
+        print(f"root {r['root']} is clean")
+
+    return _out(args, res, human)
+
+
+def cmd_run(args: argparse.Namespace, c: Client) -> int:
+    body: dict[str, Any] = {}
+    env = {}
+    for item in args.env or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise AgError(f"--env takes KEY=VALUE, not {item!r}", code=Code.INVALID_ARGUMENT)
+        env[key] = value
+    if env:
+        body["env"] = env
+    command = list(args.command or [])
+    if command and command[0] == "--":
+        command = command[1:]
+    chosen = sum(x is not None for x in (args.recipe, args.script)) + bool(command)
+    if chosen != 1:
+        raise AgError(
+            "give one of: a command after --, --recipe NAME, --script FILE",
+            code=Code.INVALID_ARGUMENT,
+        )
+    if args.recipe:
+        body["recipe"] = args.recipe
+    elif args.script:
+        try:
+            body["script"] = Path(args.script).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise AgError(f"cannot read {args.script}: {e}", code=Code.INVALID_ARGUMENT) from None
+    else:
+        body["argv"] = command
+    job = c.call("POST", f"/roots/{args.root}/run", body=body)
+    return wait_job(
+        args, c, job, stream_to=None if args.json else sys.stdout, exit_with_returncode=True
+    )
+
+
+def cmd_jobs(args: argparse.Namespace, c: Client) -> int:
+    rows = c.call(
+        "GET", "/jobs", query={"root": args.root, "state": args.state, "limit": args.limit}
+    )
+    return _out(
+        args,
+        rows,
+        lambda r: output.table(r, ["id", "kind", "root", "state", "returncode", "created"]),
+    )
+
+
+def cmd_job(args: argparse.Namespace, c: Client) -> int:
+    return _out(args, c.call("GET", f"/jobs/{args.job}"), output.fields)
+
+
+def cmd_logs(args: argparse.Namespace, c: Client) -> int:
+    try:
+        for chunk in c.stream(f"/jobs/{args.job}/log", {"follow": args.follow}):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace, c: Client) -> int:
+    return _out(
+        args,
+        c.call("POST", f"/jobs/{args.job}/cancel"),
+        lambda r: print(f"job {r['id']}: {r['outcome']}"),
+    )
+
+
+# --- parser -----------------------------------------------------------------------
+
+
+def _name(value: str) -> str:
+    """argparse type: names are checked here too, so a typo fails before any request."""
+    from autogentoo.names import check_name
+
+    try:
+        return check_name(value)
+    except AgError as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="agctl",
+        description="Drive the autogentoo daemon.",
+        epilog=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--socket",
+        default=os.environ.get("AGCTL_SOCKET"),
+        help="daemon socket (default $AGCTL_SOCKET or /run/autogentoo/api.sock);"
+        " with --host, the socket on the remote machine",
+    )
+    p.add_argument(
+        "--host",
+        default=os.environ.get("AGCTL_HOST"),
+        help="drive a remote daemon: ssh://user@box[:port] (default $AGCTL_HOST)",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress or job logs")
+    # The same switches after the command (`agctl status --json`) without
+    # resetting what was given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
+    )
+    common.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="no progress or job logs",
+    )
+    p.add_argument("--version", action="version", version=f"agctl {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, fn: Handler, help: str, parent: Any = sub) -> argparse.ArgumentParser:
+        sp: argparse.ArgumentParser = parent.add_parser(
+            name, help=help, description=help, parents=[common]
+        )
+        sp.set_defaults(func=fn)
+        return sp
+
+    add("status", cmd_status, "daemon health and load")
+    add("whoami", cmd_whoami, "who the daemon thinks you are, and your role")
+    add("roots", cmd_roots, "list roots")
+
+    root = sub.add_parser("root", help="create, inspect and change roots")
+    rsub = root.add_subparsers(dest="root_command", metavar="ACTION", required=True)
+    sp = add("create", cmd_root_create, "create a root from a stage3 tarball", rsub)
+    sp.add_argument("name", type=_name)
+    sp.add_argument(
+        "--stage3",
+        required=True,
+        help="a stage3 tarball to upload, or the name of one in the daemon's stage3 directory",
+    )
+    sp.add_argument("--digests", help="the .DIGESTS or .sha256 file to verify it against")
+    sp.add_argument("--group", help="share the root with this group")
+    _detach(sp)
+    sp = add("show", cmd_root_show, "show a root", rsub)
+    sp.add_argument("name", type=_name)
+    sp = add("delete", cmd_root_delete, "delete a root and its snapshots", rsub)
+    sp.add_argument("name", type=_name)
+    _detach(sp)
+    sp = add("snapshot", cmd_root_snapshot, "take a read-only snapshot", rsub)
+    sp.add_argument("name", type=_name)
+    sp.add_argument("snapshot", type=_name)
+    _detach(sp)
+    sp = add("rollback", cmd_root_rollback, "go back to a snapshot", rsub)
+    sp.add_argument("name", type=_name)
+    sp.add_argument("snapshot", type=_name)
+    _detach(sp)
+    sp = add("clone", cmd_root_clone, "make a new root from a root or snapshot", rsub)
+    sp.add_argument("name", type=_name)
+    sp.add_argument("new", type=_name)
+    sp.add_argument("--snapshot", type=_name)
+    sp.add_argument("--group", help="share the new root with this group")
+    _detach(sp)
+
+    sp = add("bootstrap", cmd_bootstrap, "prepare a root for work and prove a job runs in it")
+    sp.add_argument("root", type=_name)
+    _detach(sp)
+    sp = add("cleanup", cmd_cleanup, "stop a root's jobs and remove every mount under it")
+    sp.add_argument("root", type=_name)
+    sp = add("run", cmd_run, "run a command, script or recipe in a root (chroot)")
+    sp.add_argument("root", type=_name)
+    sp.add_argument("--recipe", type=_name, help="a named recipe from the daemon config (builders)")
+    sp.add_argument("--script", help="a script file to run in the root (admins)")
+    sp.add_argument(
+        "-e",
+        "--env",
+        action="append",
+        metavar="KEY=VALUE",
+        help="set an environment variable for the command",
+    )
+    sp.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS... (admins)")
+    _detach(sp)
+
+    sp = add("jobs", cmd_jobs, "list jobs, newest first")
+    sp.add_argument("--root", type=_name)
+    sp.add_argument("--state")
+    sp.add_argument("--limit", type=int, default=50)
+    sp = add("job", cmd_job, "show one job")
+    sp.add_argument("job", type=int)
+    sp = add("logs", cmd_logs, "print a job's log")
+    sp.add_argument("job", type=int)
+    sp.add_argument("-f", "--follow", action="store_true", help="follow until the job ends")
+    sp = add("cancel", cmd_cancel, "cancel a job")
+    sp.add_argument("job", type=int)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "detach"):
+        args.detach = False
+    # A closed pipe (agctl logs | head) is not an error worth a traceback.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    from autogentoo.client.transport import TransportError, from_options
+
+    try:
+        transport = from_options(args.host, args.socket)
+        with Client(transport) as client:
+            return int(args.func(args, client))
+    except TransportError as e:
+        print(f"agctl: {e.message}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except AgError as e:
+        if args.json:
+            output.as_json({"error": e.to_json()}, sys.stderr)
+        else:
+            print(f"agctl: {e.message} [{e.code}]", file=sys.stderr)
+        return EXIT_CODES.get(e.code, 1) if e.code in EXIT_CODES else EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

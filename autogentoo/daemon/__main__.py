@@ -1,0 +1,5 @@
+import sys
+
+from autogentoo.daemon.main import main
+
+sys.exit(main())

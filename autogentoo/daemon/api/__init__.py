@@ -1,0 +1,12 @@
+"""The /v1 endpoints, one module per resource, all on one Router."""
+
+from autogentoo.daemon.routing import Router
+
+router = Router()
+
+
+def load_all() -> Router:
+    # Importing the modules registers their routes on `router`.
+    from autogentoo.daemon.api import jobs, roots, system, uploads  # noqa: F401
+
+    return router

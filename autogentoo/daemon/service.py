@@ -1,0 +1,91 @@
+"""The daemon's long-lived parts, owned by one object and shared with the routes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from autogentoo.daemon.config import Config
+from autogentoo.daemon.jobs import JobManager
+from autogentoo.daemon.state import State
+
+if TYPE_CHECKING:
+    from autogentoo.daemon.spawner import Spawner
+    from autogentoo.daemon.storage.base import Storage
+
+log = logging.getLogger(__name__)
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.started = time.time()
+        self.under_systemd = bool(os.environ.get("NOTIFY_SOCKET"))
+        for d in (
+            config.state_dir,
+            config.logs_dir,
+            config.artifacts_dir,
+            config.tmp_dir,
+            config.uploads_dir,
+        ):
+            d.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self.state = State(config.db_path)
+        self.jobs = JobManager(self.state, config.logs_dir, config.jobs.max_parallel)
+        self.openapi_doc: dict[str, Any] | None = None
+        self._storage: Storage | None = None
+        self._spawner: Spawner | None = None
+
+    @property
+    def storage(self) -> Storage:
+        if self._storage is None:
+            from autogentoo.daemon.storage import make_storage
+
+            self._storage = make_storage(self.config)
+        return self._storage
+
+    @property
+    def spawner(self) -> Spawner:
+        if self._spawner is None:
+            from autogentoo.daemon.spawner import Spawner
+
+            self._spawner = Spawner()
+        return self._spawner
+
+    async def start(self) -> None:
+        from autogentoo.daemon import uploads
+
+        await self.storage.probe()
+        self.jobs.recover()
+        _clear_dir(self.config.tmp_dir)
+        uploads.recover(self.state, self.config.uploads_dir)
+        from autogentoo.daemon import roots
+
+        await roots.recover(self)
+        # Start the fork server now, not on the first job: the first
+        # `agctl run` should be as fast as the hundredth.
+        await self.spawner.start()
+
+    async def stop(self) -> None:
+        await self.jobs.stop()
+        if self._spawner is not None:
+            await self._spawner.stop()
+        self.state.close()
+
+
+def _clear_dir(path: Path) -> None:
+    """Remove what a crashed daemon left in its scratch directory."""
+    import shutil
+
+    for entry in path.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+DAEMON = web.AppKey("daemon", Daemon)
