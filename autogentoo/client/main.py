@@ -377,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="set an environment variable for the command",
     )
-    sp.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS... (admins)")
+    sp.add_argument("command", nargs="*", help="-- CMD ARGS... (admins)")
     _detach(sp)
 
     sp = add("jobs", cmd_jobs, "list jobs, newest first")

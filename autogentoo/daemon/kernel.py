@@ -15,13 +15,16 @@ matching INITRAMFS_COMPRESSION_<X>, so the .config says what is inside).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
+import fcntl
 import filecmp
 import hashlib
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +42,22 @@ COMPRESSIONS: dict[str, tuple[str, str]] = {
     ".cpio.lzo": ("RD_LZO", "INITRAMFS_COMPRESSION_LZO"),
 }
 STAGED_NAME = "autogentoo-initramfs"
+
+
+@contextlib.asynccontextmanager
+async def build_lock(build_dir: Path) -> AsyncIterator[None]:
+    """Hold the build directory exclusively (merge + build), across processes.
+
+    Two makes in one build directory corrupt it; a daemon job, a test run and
+    a benchmark on the same machine all take this lock first.
+    """
+    build_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(build_dir / ".autogentoo.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the flock
 
 
 @dataclass(frozen=True)

@@ -117,7 +117,8 @@ class Bind:
 def _detach(fd: int) -> None:
     with contextlib.suppress(OSError):
         linux.umount2(linux.fd_path(fd), linux.MNT_DETACH)
-    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 def _attach(stack: ExitStack, mfd: int, targetfd: int, what: str) -> int:
@@ -478,49 +479,66 @@ def _mount_point_fds(rootfd: int, top: str, mp: str) -> tuple[int, str]:
     return pfd, name
 
 
+def _make_private(rootfd: int, top: str, mp: str) -> None:
+    """Take the mount at mp out of any peer group.
+
+    Removing a mount propagates to the peers of its *parent*: with ROOT/dev
+    an rbind of a shared /dev, unmounting ROOT/dev/pts would unmount the
+    host's /dev/pts too (the old scripts' bug). So every mount under the
+    root is made private before any of them is unmounted.
+    """
+    pfd, name = _mount_point_fds(rootfd, top, mp)
+    try:
+        mfd = linux.openat2(pfd, name, os.O_PATH, linux.RESOLVE_BENEATH | linux.RESOLVE_NO_SYMLINKS)
+    finally:
+        os.close(pfd)
+    try:
+        linux.mount(None, linux.fd_path(mfd), None, linux.MS_PRIVATE)
+    finally:
+        os.close(mfd)
+
+
 def _unmount_one(rootfd: int, top: str, mp: str) -> None:
     pfd, name = _mount_point_fds(rootfd, top, mp)
     try:
-        # Going through the pinned parent directory leaves nothing to swap;
-        # UMOUNT_NOFOLLOW covers the last component.
-        where = f"{linux.fd_path(pfd)}/{name}"
-        # Cut the mount out of any peer group first, so that removing it (and
-        # what is below it) cannot propagate back into the host: the classic
-        # way a cleanup of an rbind of /dev unmounted the host's /dev/pts.
-        mfd = linux.openat2(pfd, name, os.O_PATH, linux.RESOLVE_BENEATH | linux.RESOLVE_NO_SYMLINKS)
-        try:
-            linux.mount(None, linux.fd_path(mfd), None, linux.MS_PRIVATE)
-        finally:
-            os.close(mfd)
-        linux.umount2(where, linux.UMOUNT_NOFOLLOW)
+        # Through the pinned parent directory nothing can be swapped under
+        # us; UMOUNT_NOFOLLOW covers the last component. (An O_PATH fd on
+        # the mount itself would keep it busy.)
+        linux.umount2(f"{linux.fd_path(pfd)}/{name}", linux.UMOUNT_NOFOLLOW)
     finally:
         os.close(pfd)
 
 
-def cleanup_under_sync(path: str, *, include_root: bool = False) -> list[str]:
-    """Unmount everything under path, deepest first, until mountinfo shows none.
+def _busy_error(busy: list[str]) -> MountBusy:
+    first = busy[0]
+    held = holders(first)
+    who = ", ".join(str(h) for h in held) or "no process found (another mount namespace?)"
+    return MountBusy(
+        f"{first} is busy, held by {who}; stop it and run cleanup again",
+        mount=first,
+        holders=[{"pid": h.pid, "comm": h.comm, "how": h.how} for h in held],
+        busy=busy,
+    )
 
-    Returns the mount points removed, in order. Raises MountBusy naming the
-    mount and the processes holding it when one will not go.
-    """
-    top = os.path.realpath(path)
+
+def _cleanup_below(top: str) -> list[str]:
+    """Unmount everything strictly below top; one pass per layer uncovered."""
     rootfd = os.open(top, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     removed: list[str] = []
     try:
         while True:
-            left = mounts_under(top, include_root=include_root)
+            left = mounts_under(top)
             if not left:
                 return removed
+            for m in reversed(left):  # parents first; hidden ones fail now and come back
+                with contextlib.suppress(OSError):
+                    _make_private(rootfd, top, m.mount_point)
             progress = False
             busy: list[str] = []
             failed: list[str] = []
             for m in left:
                 try:
-                    if m.mount_point == top:
-                        linux.mount(None, top, None, linux.MS_PRIVATE)
-                        linux.umount2(top, linux.UMOUNT_NOFOLLOW)
-                    else:
-                        _unmount_one(rootfd, top, m.mount_point)
+                    _unmount_one(rootfd, top, m.mount_point)
                 except OSError as e:
                     if e.errno == errno.EBUSY:
                         busy.append(m.mount_point)
@@ -534,24 +552,37 @@ def cleanup_under_sync(path: str, *, include_root: bool = False) -> list[str]:
             if progress:
                 continue
             if busy:
-                held = {mp: holders(mp) for mp in busy}
-                first = busy[0]
-                who = (
-                    ", ".join(str(h) for h in held[first])
-                    or "no process found (a mount namespace?)"
-                )
-                raise MountBusy(
-                    f"{first} is busy, held by {who}; stop it and run cleanup again",
-                    mount=first,
-                    holders=[{"pid": h.pid, "comm": h.comm, "how": h.how} for h in held[first]],
-                    busy=busy,
-                )
+                raise _busy_error(busy)
             shown = "; ".join(failed) or ", ".join(m.mount_point for m in left)
             raise MountError(
                 f"cannot unmount under {top}: {shown}", mounts=[m.mount_point for m in left]
             )
     finally:
         os.close(rootfd)
+
+
+def cleanup_under_sync(path: str, *, include_root: bool = False) -> list[str]:
+    """Unmount everything under path, deepest first, until mountinfo shows none.
+
+    The root's own mount (a dataset, a subvolume) is the storage backend's
+    and is kept unless include_root. Returns the mount points removed, in
+    order. Raises MountBusy naming the mount and the processes holding it
+    when one will not go; never touches a mount outside path.
+    """
+    top = os.path.realpath(path)
+    removed = _cleanup_below(top)
+    while include_root and is_mountpoint(top):
+        try:
+            linux.mount(None, top, None, linux.MS_PRIVATE)
+            linux.umount2(top, linux.UMOUNT_NOFOLLOW)
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                raise _busy_error([top]) from None
+            raise MountError(f"cannot unmount {top}: {e.strerror}", mounts=[top]) from None
+        removed.append(top)
+        # A mount that was stacked under it may have its own children.
+        removed += _cleanup_below(top)
+    return removed
 
 
 async def cleanup_under(path: str, *, include_root: bool = False) -> list[str]:

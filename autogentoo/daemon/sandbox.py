@@ -254,9 +254,10 @@ def _lookup_portage(rootfd: int) -> tuple[int, int]:
 
 def _setup(stack: ExitStack, spec: JobSpec) -> None:
     """Mount everything under a bind of the root, then pivot into it."""
-    rootfd = mounts.bind_root(stack, spec.root)
-    where = "proc"
+    where = spec.root
     try:
+        rootfd = mounts.bind_root(stack, spec.root)  # owned by the stack
+        where = "proc"
         mounts.mount_proc(stack, rootfd)
         where = "sys"
         mounts.mount_sys(stack, rootfd)
@@ -269,9 +270,9 @@ def _setup(stack: ExitStack, spec: JobSpec) -> None:
             where = f"{b.target} (bind of {b.source})"
             mounts.bind_mount(stack, rootfd, b)
         if spec.resolv_conf is not None:
-            where = "etc/resolv.conf"
+            where = "/etc/resolv.conf"
             mounts.bind_file_contents(stack, rootfd, "etc/resolv.conf", spec.resolv_conf)
-        where = "pivot_root"
+        where = "the root (pivot_root)"
         os.fchdir(rootfd)
         linux.pivot_root(".", ".")
         # The old root is now stacked on the new one; detaching it drops every
@@ -280,8 +281,6 @@ def _setup(stack: ExitStack, spec: JobSpec) -> None:
         os.chdir("/")
     except (OSError, AgError) as e:
         raise JobSetupError(f"cannot mount {where} in {spec.root}: {_describe(e)}") from e
-    finally:
-        os.close(rootfd)
 
 
 def _init(spec: JobSpec, stdio: tuple[int, int, int], status_w: int) -> NoReturn:

@@ -12,7 +12,7 @@ Protocol, one JSON object per datagram:
   daemon -> spawner  {"op": "spawn", "id": N, "spec": {...}}  + 3 fds (stdin, stdout, stderr)
                      {"op": "kill", "id": N, "signal": S}
   spawner -> daemon  {"event": "hello", "pid": P}
-                     {"event": "started", "id": N, "pid": P}   P: the job's PID 1, as the host sees it
+                     {"event": "started", "id": N, "pid": P}   P: the job's PID 1 (host view)
                      {"event": "exited", "id": N, "returncode": R}  R < 0: killed by signal -R
                      {"event": "exited", "id": N, "error": "..."}    setup failed, nothing ran
 
@@ -311,6 +311,11 @@ class JobProcess:
         await self._spawner._send({"op": "kill", "id": self.id, "signal": int(sig)})
 
 
+def _set_once(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class Spawner:
     """The daemon's handle on the fork server. Call start() from the event loop thread."""
 
@@ -433,7 +438,7 @@ class Spawner:
                 raise SpawnerDied("the job spawner went away; the job did not start") from e
             loop = asyncio.get_running_loop()
             ready: asyncio.Future[None] = loop.create_future()
-            loop.add_writer(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+            loop.add_writer(sock.fileno(), _set_once, ready)
             try:
                 await ready
             finally:

@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -69,9 +69,13 @@ def _progress(msg: str) -> None:
 
 
 @pytest.fixture
-def build_dir(kernel_source: Path) -> Path:  # noqa: F811
+async def build_dir(kernel_source: Path) -> AsyncIterator[Path]:  # noqa: F811
+    # Held for the whole test: another run on this machine (CI, a developer)
+    # must not build in the same directory while we build, boot and compare.
     key = kernel.config_key(str(kernel_source), "tinyconfig", FRAGMENTS)
-    return build_root(f"e2e-{key}")
+    path = build_root(f"e2e-{key}")
+    async with kernel.build_lock(path):
+        yield path
 
 
 @pytest.fixture

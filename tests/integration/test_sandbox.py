@@ -25,6 +25,11 @@ from autogentoo.daemon.sandbox import INIT_NAME, Bind, JobSetupError, JobSpec
 from autogentoo.daemon.spawner import JobProcess, Spawner, SpawnerDied
 from tests.helpers.stage3 import build_tree
 
+# Paths inside the job's root, not the host's temp directories.
+PORTAGE_TMP = "/var/tmp/portage"  # noqa: S108
+DEV_SHM = "/dev/shm"  # noqa: S108
+VAR_TMP = "/var/tmp"  # noqa: S108
+
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces and mounts"),
@@ -70,8 +75,10 @@ def spec_for(tree: Tree, *argv: str, **kw: object) -> JobSpec:
     base = JobSpec(
         root=str(tree.root),
         argv=argv,
-        binds=(Bind(str(tree.ro_src), "/var/cache/distfiles", True),
-               Bind(str(tree.rw_src), "/var/cache/binpkgs", False)),
+        binds=(
+            Bind(str(tree.ro_src), "/var/cache/distfiles", True),
+            Bind(str(tree.rw_src), "/var/cache/binpkgs", False),
+        ),
         portage_tmpfs_size="64m",
         resolv_conf=b"nameserver 192.0.2.53\n",
         hostname="agtest",
@@ -100,7 +107,9 @@ async def _drain(fd: int) -> bytes:
 
 
 @contextlib.asynccontextmanager
-async def started(sp: Spawner, spec: JobSpec) -> AsyncIterator[tuple[JobProcess, asyncio.Task[bytes], asyncio.Task[bytes]]]:
+async def started(
+    sp: Spawner, spec: JobSpec
+) -> AsyncIterator[tuple[JobProcess, asyncio.Task[bytes], asyncio.Task[bytes]]]:
     """A running job with its stdout/stderr being read; killed if the test leaves early."""
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
@@ -177,7 +186,7 @@ async def test_mounts_seen_from_inside(spawner: Spawner, tree: Tree) -> None:
     pts = info["/dev/pts"]
     assert pts.fstype == "devpts"
     assert {"gid=5", "mode=620", "ptmxmode=666"} <= set(pts.super_options)
-    portage = info["/var/tmp/portage"]
+    portage = info[PORTAGE_TMP]
     assert portage.fstype == "tmpfs"
     assert {"size=65536k", "mode=775", "uid=250", "gid=250"} <= set(portage.super_options)
     assert info["/proc"].fstype == "proc"
@@ -187,28 +196,59 @@ async def test_mounts_seen_from_inside(spawner: Spawner, tree: Tree) -> None:
     assert "rw" in info["/var/cache/binpkgs"].options
     assert "ro" in info["/etc/resolv.conf"].options
     # pivot_root dropped the host's mounts: only the job's are left.
-    assert set(info) == {"/", "/proc", "/sys", "/dev", "/dev/pts", "/dev/shm",
-                         "/var/tmp/portage", "/var/cache/distfiles", "/var/cache/binpkgs",
-                         "/etc/resolv.conf"}
+    assert set(info) == {
+        "/",
+        "/proc",
+        "/sys",
+        "/dev",
+        "/dev/pts",
+        DEV_SHM,
+        PORTAGE_TMP,
+        "/var/cache/distfiles",
+        "/var/cache/binpkgs",
+        "/etc/resolv.conf",
+    }
 
 
 async def test_dev_is_minimal(spawner: Spawner, tree: Tree) -> None:
-    done = await run(spawner, sh(tree, "ls /dev; echo x > /dev/null; head -c 4 /dev/urandom | wc -c"))
+    done = await run(
+        spawner, sh(tree, "ls /dev; echo x > /dev/null; head -c 4 /dev/urandom | wc -c")
+    )
     assert done.rc == 0, done.err
     lines = done.out.split()
-    assert set(lines[:-1]) == {"core", "fd", "full", "null", "ptmx", "pts", "random", "shm",
-                               "stderr", "stdin", "stdout", "tty", "urandom", "zero"}
+    assert set(lines[:-1]) == {
+        "core",
+        "fd",
+        "full",
+        "null",
+        "ptmx",
+        "pts",
+        "random",
+        "shm",
+        "stderr",
+        "stdin",
+        "stdout",
+        "tty",
+        "urandom",
+        "zero",
+    }
     assert lines[-1] == "4"
 
 
 async def test_binds_read_only_where_asked(spawner: Spawner, tree: Tree) -> None:
-    done = await run(spawner, sh(tree, (
-        "cat /var/cache/distfiles/hello.tar.gz;"
-        "echo no > /var/cache/distfiles/new || echo EROFS-distfiles;"
-        "echo pkg > /var/cache/binpkgs/made-in-job;"
-        "echo no > /etc/resolv.conf || echo EROFS-resolv;"
-        "cat /etc/resolv.conf"
-    )))
+    done = await run(
+        spawner,
+        sh(
+            tree,
+            (
+                "cat /var/cache/distfiles/hello.tar.gz;"
+                "echo no > /var/cache/distfiles/new || echo EROFS-distfiles;"
+                "echo pkg > /var/cache/binpkgs/made-in-job;"
+                "echo no > /etc/resolv.conf || echo EROFS-resolv;"
+                "cat /etc/resolv.conf"
+            ),
+        ),
+    )
     assert done.rc == 0, done.err
     assert "distfile" in done.out
     assert "EROFS-distfiles" in done.out and "Read-only file system" in done.err
@@ -234,11 +274,11 @@ async def test_pid1_is_our_init_and_only_job_processes(spawner: Spawner, tree: T
 
 
 async def test_env_cwd_and_identity(spawner: Spawner, tree: Tree) -> None:
-    spec = sh(tree, "pwd; echo $FOO; id -u", cwd="/var/tmp", env={"PATH": "/bin", "FOO": "bar"})
+    spec = sh(tree, "pwd; echo $FOO; id -u", cwd=VAR_TMP, env={"PATH": "/bin", "FOO": "bar"})
     done = await run(spawner, spec)
-    assert done.out.split() == ["/var/tmp", "bar", "0"]
+    assert done.out.split() == [VAR_TMP, "bar", "0"]
     done = await run(spawner, replace(spec, uid=250, gid=250))
-    assert done.out.split() == ["/var/tmp", "bar", "250"]
+    assert done.out.split() == [VAR_TMP, "bar", "250"]
 
 
 async def test_pty_is_controlling_terminal(spawner: Spawner, tree: Tree) -> None:
@@ -246,7 +286,10 @@ async def test_pty_is_controlling_terminal(spawner: Spawner, tree: Tree) -> None
     try:
         proc = await spawner.spawn(
             sh(tree, "[ -t 0 ] && echo is-a-tty; cat /proc/self/stat", pty=True),
-            slave, slave, slave)
+            slave,
+            slave,
+            slave,
+        )
         os.close(slave)
         slave = -1
         rc = await proc.wait()
@@ -277,7 +320,7 @@ async def test_exit_codes_and_signals(spawner: Spawner, tree: Tree) -> None:
 
 
 async def test_missing_command_is_a_message(spawner: Spawner, tree: Tree) -> None:
-    with pytest.raises(JobSetupError, match="cannot execute 'no-such-tool'.*No such file"):
+    with pytest.raises(JobSetupError, match=r"cannot execute 'no-such-tool'.*No such file"):
         await run(spawner, spec_for(tree, "no-such-tool"))
 
 
@@ -305,21 +348,29 @@ async def test_missing_cwd_is_a_message(spawner: Spawner, tree: Tree) -> None:
 
 
 async def test_symlinked_bind_target_stays_in_root(spawner: Spawner, tree: Tree) -> None:
+    # ROOT/mnt -> an absolute path that exists on the host AND inside the root:
+    # inside the root it must mean ROOT/<that path>, never the host's.
     outside = tree.base / "outside"
     outside.mkdir()
+    inside = tree.root / str(outside).lstrip("/")
+    inside.mkdir(parents=True)
     link = tree.root / "mnt"
-    link.symlink_to(outside)  # absolute host path: inside the root it means ROOT/<that path>
+    link.symlink_to(outside)
     try:
         spec = sh(tree, "ls /mnt/escape", binds=(Bind(str(tree.ro_src), "/mnt/escape", True),))
         done = await run(spawner, spec)
         assert done.out == "hello.tar.gz\n"
         assert not (outside / "escape").exists()
-        inside = tree.root / str(outside).lstrip("/") / "escape"
-        assert inside.is_dir()
+        assert (inside / "escape").is_dir()
+        # A dangling link is refused with a message, never followed out.
+        shutil.rmtree(inside)
+        with pytest.raises(JobSetupError, match="cannot mount /mnt/escape"):
+            await run(spawner, spec)
+        assert not (outside / "escape").exists()
     finally:
         link.unlink()
         shutil.rmtree(outside)
-        shutil.rmtree(tree.root / str(tree.base).lstrip("/"))
+        shutil.rmtree(tree.root / str(tree.base).lstrip("/"), ignore_errors=True)
 
 
 # --- nothing outlives a job, nothing leaks to the host ---------------------------
@@ -331,7 +382,7 @@ async def test_host_mountinfo_unchanged_during_and_after(spawner: Spawner, tree:
         # The job is up (it has exec'd): its mounts exist in its namespace only.
         with open(f"/proc/{proc.pid}/mountinfo") as f:
             inside = f.read()
-        assert "/var/tmp/portage" in inside
+        assert PORTAGE_TMP in inside
         assert host_mounts_mentioning(tree.root, tree.ro_src, tree.rw_src) == before
         await proc.kill(signal.SIGTERM)
         assert await proc.wait() == -signal.SIGTERM
@@ -346,7 +397,11 @@ async def test_background_process_does_not_outlive_job(spawner: Spawner, tree: T
 
 
 async def test_cancel_kills_everything(spawner: Spawner, tree: Tree) -> None:
-    async with started(spawner, sh(tree, "sleep 987652 & sleep 987652; echo never")) as (proc, out, _):
+    async with started(spawner, sh(tree, "sleep 987652 & sleep 987652; echo never")) as (
+        proc,
+        out,
+        _,
+    ):
         while len(processes_with("987652")) < 3:  # sh -c (its cmdline) and two sleeps
             await asyncio.sleep(0.01)
         await proc.kill()
@@ -378,8 +433,9 @@ async def test_many_spawn_kill_cycles_leave_nothing(spawner: Spawner, tree: Tree
 
 
 async def test_concurrent_jobs(spawner: Spawner, tree: Tree) -> None:
-    results = await asyncio.gather(*(run(spawner, sh(tree, f"echo job{i}; exit {i}"))
-                                     for i in range(12)))
+    results = await asyncio.gather(
+        *(run(spawner, sh(tree, f"echo job{i}; exit {i}")) for i in range(12))
+    )
     for i, done in enumerate(results):
         assert done.rc == i and done.out == f"job{i}\n"
 
