@@ -378,7 +378,7 @@ async def test_symlinked_bind_target_stays_in_root(spawner: Spawner, tree: Tree)
 
 async def test_host_mountinfo_unchanged_during_and_after(spawner: Spawner, tree: Tree) -> None:
     before = host_mounts_mentioning(tree.root, tree.ro_src, tree.rw_src)
-    async with started(spawner, sh(tree, "echo up; read x")) as (proc, _out, _err):
+    async with started(spawner, sh(tree, "sleep 987649")) as (proc, _out, _err):
         # The job is up (it has exec'd): its mounts exist in its namespace only.
         with open(f"/proc/{proc.pid}/mountinfo") as f:
             inside = f.read()
