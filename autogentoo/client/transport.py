@@ -199,6 +199,7 @@ class SshTransport:
     def connect(self) -> socket.socket:
         loop = self._ensure_loop()
         import asyncio
+        from concurrent.futures import CancelledError
 
         fut: Future[socket.socket] = asyncio.run_coroutine_threadsafe(self._open(), loop)
         try:
@@ -210,6 +211,8 @@ class SshTransport:
             raise TransportError(
                 f"cannot reach the daemon over {self.description}: timed out"
             ) from None
+        except CancelledError:
+            raise TransportError(f"the transport to {self.description} was closed") from None
 
     def close(self) -> None:
         """End every channel and the SSH connection; stop the thread. Idempotent."""
@@ -282,6 +285,11 @@ class SshTransport:
             self._conn.close()
             await self._conn.wait_closed()
             self._conn = None
+        # a connect() still dialling in another thread ends now, not at its timeout
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
 
     async def _connection(self) -> Any:
         import asyncio
@@ -381,17 +389,24 @@ class SshTransport:
 
         import asyncssh
 
-        conn = await self._connection()
-        try:
-            reader, writer = await asyncio.wait_for(
-                conn.open_unix_connection(self.remote_socket), self.connect_timeout
-            )
-        except asyncssh.ChannelOpenError as exc:
-            raise TransportError(self._channel_message(exc)) from exc
-        except (asyncssh.Error, OSError) as exc:
-            raise TransportError(
-                f"cannot open a channel to {self.remote_socket} over {self.description}: {exc}"
-            ) from exc
+        for attempt in (1, 2):
+            conn = await self._connection()
+            try:
+                reader, writer = await asyncio.wait_for(
+                    conn.open_unix_connection(self.remote_socket), self.connect_timeout
+                )
+                break
+            except (asyncssh.Error, OSError) as exc:
+                # The shared connection may have died since its last use
+                # without our noticing yet (sshd restarted, network gone):
+                # dial once more before blaming the remote socket.
+                if conn.is_closed() and attempt == 1:
+                    continue
+                if isinstance(exc, asyncssh.ChannelOpenError):
+                    raise TransportError(self._channel_message(exc)) from exc
+                raise TransportError(
+                    f"cannot open a channel to {self.remote_socket} over {self.description}: {exc}"
+                ) from exc
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sreader, swriter = await asyncio.open_connection(sock=ours, limit=_CHUNK)

@@ -91,6 +91,22 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class UpstreamConfig:
+    """Where stage3s, repository snapshots and kernel sources come from, and whom to trust."""
+
+    # Gentoo mirrors, tried in order: http(s)://host/path or an absolute directory.
+    mirrors: tuple[str, ...] = ()
+    # kernel.org-shaped mirrors (v6.x/linux-V.tar.xz, sha256sums.asc).
+    kernel_mirrors: tuple[str, ...] = ()
+    # The only OpenPGP keys a signature may come from (armoured or binary).
+    keyring: Path = Path("/usr/share/openpgp-keys/gentoo-release.asc")
+    # Kernel releases are signed by kernel.org's developers, not by releng.
+    kernel_keyring: Path = Path("/usr/share/openpgp-keys/kernel.org.asc")
+    # Repository snapshots kept besides the one in use; older ones are deleted.
+    keep_repo_snapshots: int = 3
+
+
+@dataclass(frozen=True)
 class Config:
     socket: Path = Path("/run/autogentoo/api.sock")
     socket_group: str = "autogentoo"
@@ -111,6 +127,7 @@ class Config:
     jobs: JobConfig = field(default_factory=JobConfig)
     limits: Limits = field(default_factory=Limits)
     policy: Policy = field(default_factory=Policy)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     # Named commands builders may run in their roots (admins may run anything).
     recipes: Mapping[str, tuple[str, ...]] = field(
         default_factory=lambda: {
@@ -202,6 +219,46 @@ def _roles(value: Any, where: str) -> dict[str, Role]:
     return out
 
 
+def _mirror(value: Any, where: str) -> str:
+    if isinstance(value, str) and value.startswith("/"):
+        return value.rstrip("/") or "/"
+    if isinstance(value, str) and re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", value):
+        return value.rstrip("/")
+    raise ConfigError(
+        f"{where}: {value!r} is not a mirror (an http:// or https:// URL, or an absolute directory)"
+    )
+
+
+def _mirrors(value: Any, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: expected a list of mirrors, got {type(value).__name__}")
+    return tuple(_mirror(v, f"{where}[{i}]") for i, v in enumerate(value))
+
+
+def _upstream(value: Any, cur: UpstreamConfig) -> UpstreamConfig:
+    u = _mapping(value, "upstream")
+    _reject_unknown(
+        u,
+        {"mirrors", "kernel_mirrors", "keyring", "kernel_keyring", "keep_repo_snapshots"},
+        "upstream",
+    )
+    return UpstreamConfig(
+        mirrors=_mirrors(u["mirrors"], "upstream.mirrors") if "mirrors" in u else cur.mirrors,
+        kernel_mirrors=_mirrors(u["kernel_mirrors"], "upstream.kernel_mirrors")
+        if "kernel_mirrors" in u
+        else cur.kernel_mirrors,
+        keyring=_path(u["keyring"], "upstream.keyring") if "keyring" in u else cur.keyring,
+        kernel_keyring=_path(u["kernel_keyring"], "upstream.kernel_keyring")
+        if "kernel_keyring" in u
+        else cur.kernel_keyring,
+        keep_repo_snapshots=_int(
+            u.get("keep_repo_snapshots", cur.keep_repo_snapshots), "upstream.keep_repo_snapshots"
+        ),
+    )
+
+
 def parse(data: Any, *, base: Config | None = None) -> Config:
     """Build a Config from parsed YAML; unset keys keep the defaults."""
     d = _mapping(data, "config")
@@ -221,6 +278,7 @@ def parse(data: Any, *, base: Config | None = None) -> Config:
             "jobs",
             "limits",
             "policy",
+            "upstream",
             "recipes",
         },
         "config",
@@ -316,6 +374,9 @@ def parse(data: Any, *, base: Config | None = None) -> Config:
             groups=_roles(p.get("groups"), "policy.groups"),
             join_group=_str(p.get("join_group", cfg.policy.join_group), "policy.join_group"),
         )
+
+    if "upstream" in d:
+        kw["upstream"] = _upstream(d["upstream"], cfg.upstream)
 
     if "recipes" in d:
         recipes: dict[str, tuple[str, ...]] = {}

@@ -114,12 +114,12 @@ class Compression(StrEnum):
         return {"gzip": ".gz", "zstd": ".zst", "xz": ".xz", "lz4": ".lz4", "none": ""}[self.value]
 
 
-# Defaults follow what kernels and dracut use: zstd -15 costs a fraction of
-# -19's time for a few percent; lz4 must be the legacy frame format and xz
+# zstd -9: levels from 13 up cost ten times the time (200 s against ~15 s for
+# 300 MB on 2 cores) for a few percent. lz4 must be the legacy frame format and xz
 # must use crc32, or the kernel's decompressors refuse them.
 DEFAULT_LEVEL: dict[Compression, int] = {
     Compression.GZIP: 9,
-    Compression.ZSTD: 15,
+    Compression.ZSTD: 9,
     Compression.XZ: 6,
     Compression.LZ4: 9,
 }
@@ -188,9 +188,13 @@ class PackResult:
 
 @dataclass(frozen=True)
 class LayeredResult:
-    """The concatenation of one compressed member per layer."""
+    """One compressed member per layer, and their concatenation (when asked for).
 
-    path: Path
+    Without the concatenation, path is None and sha256 empty: serve the
+    members' files one after the other.
+    """
+
+    path: Path | None
     size: int
     sha256: str
     fingerprint: str
@@ -901,6 +905,7 @@ def pack_layers(
     opts: PackOptions,
     cache_dir: Path,
     *,
+    concatenate: bool = True,
     plan_: PackPlan | None = None,
 ) -> LayeredResult:
     """One cached compressed member per layer, concatenated into one initramfs.
@@ -912,7 +917,7 @@ def pack_layers(
     suffix = p.opts.compress.suffix
     cache_dir = Path(cache_dir)
     cached_members = [_cached(cache_dir, fp, suffix) for fp in p.member_fingerprints]
-    whole = _cached(cache_dir, p.layered_fingerprint, suffix)
+    whole = _cached(cache_dir, p.layered_fingerprint, suffix) if concatenate else None
     if whole is not None:
         path, info = whole
         # Members are informational here; one pruned from the cache is no error.
@@ -939,6 +944,16 @@ def pack_layers(
             r = pack_member(k, p.layers, p.opts, cache_dir / f"{fp}.cpio{suffix}", plan_=p)
             _remember(cache_dir, r)
             members.append(r)
+    if not concatenate:
+        return LayeredResult(
+            None,
+            sum(m.size for m in members),
+            "",
+            p.layered_fingerprint,
+            tuple(members),
+            p.warnings,
+            all(m.cached for m in members),
+        )
 
     def concat(out_fd: int) -> int:
         for m in members:

@@ -93,6 +93,20 @@ def check_access(caller: Caller, root: Root, *, write: bool) -> None:
     )
 
 
+async def unmount_all(daemon: Daemon, name: str) -> list[str]:
+    """Remove every mount under a root's tree in the host namespace, deepest first.
+
+    The mount at the root's own path is the storage's when the backend is
+    zfs (the dataset); with dir and btrfs any mount there is someone's bind.
+    """
+    from autogentoo.daemon.config import Backend
+    from autogentoo.daemon.mounts import cleanup_under
+
+    return await cleanup_under(
+        str(daemon.storage.path(name)), include_root=daemon.storage.kind is not Backend.ZFS
+    )
+
+
 def usable(root: Root) -> None:
     if root.state != READY:
         raise Busy(
@@ -166,12 +180,12 @@ async def import_stage3(
     from autogentoo.daemon import archive
     from autogentoo.daemon import digests as digests_mod
 
-    if digests is not None:
-        ctx.log.line(f"checking {filename} against the given digests")
-        matched = await digests_mod.verify(tarball, digests, filename=filename)
-        ctx.log.line(f"digest ok: {matched}")
-        ctx.result["digest"] = matched
     try:
+        if digests is not None:
+            ctx.log.line(f"checking {filename} against the given digests")
+            matched = await digests_mod.verify(tarball, digests, filename=filename)
+            ctx.log.line(f"digest ok: {matched}")
+            ctx.result["digest"] = matched
         dest = await daemon.storage.create(name)
         ctx.log.line(f"extracting {filename} into {dest}")
         last = [0]

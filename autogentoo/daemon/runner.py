@@ -13,20 +13,12 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from autogentoo.daemon.sandbox import Bind, JobSpec
+from autogentoo.daemon.sandbox import Bind, JobSpec, job_env
 
 if TYPE_CHECKING:
     from autogentoo.daemon.jobs import JobContext
     from autogentoo.daemon.roots import Root
     from autogentoo.daemon.service import Daemon
-
-JOB_ENV = {
-    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    "HOME": "/root",
-    "TERM": "dumb",
-    "LANG": "C.UTF-8",
-    "SHELL": "/bin/sh",
-}
 
 
 def _resolv_conf() -> bytes | None:
@@ -63,13 +55,10 @@ def job_spec(
     env: dict[str, str] | None = None,
     pty: bool = False,
 ) -> JobSpec:
-    job_env = dict(JOB_ENV)
-    if env:
-        job_env.update(env)
     return JobSpec(
         root=str(daemon.storage.path(root.name)),
         argv=list(argv),
-        env=job_env,
+        env=job_env(env, term="xterm" if pty else None),
         cwd="/",
         binds=cache_binds(daemon, root, sync_repos=sync_repos),
         portage_tmpfs_size=daemon.config.jobs.portage_tmpfs_size,

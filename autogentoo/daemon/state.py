@@ -68,6 +68,40 @@ MIGRATIONS: Sequence[str] = (
     );
     CREATE INDEX artifacts_root ON artifacts(root);
     """,
+    # 2: inputs fetched from upstream mirrors, each with where it came from,
+    # its digest and the key that signed it
+    """
+    CREATE TABLE stage3s (
+        digest      TEXT PRIMARY KEY,
+        profile     TEXT NOT NULL,
+        filename    TEXT NOT NULL,
+        published   TEXT NOT NULL,
+        url         TEXT NOT NULL,
+        signer      TEXT NOT NULL,
+        size        INTEGER NOT NULL,
+        fetched     REAL NOT NULL
+    );
+    CREATE INDEX stage3s_profile ON stage3s(profile);
+    CREATE TABLE repo_snapshots (
+        name        TEXT PRIMARY KEY,
+        digest      TEXT NOT NULL UNIQUE,
+        url         TEXT NOT NULL,
+        signer      TEXT NOT NULL,
+        size        INTEGER NOT NULL,
+        image_size  INTEGER NOT NULL,
+        fetched     REAL NOT NULL,
+        active      INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE kernel_sources (
+        version     TEXT PRIMARY KEY,
+        digest      TEXT NOT NULL,
+        filename    TEXT NOT NULL,
+        url         TEXT NOT NULL,
+        signer      TEXT NOT NULL,
+        size        INTEGER NOT NULL,
+        fetched     REAL NOT NULL
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -74,8 +74,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _children(pid: int) -> list[int]:
-    """Every descendant of pid (sshd forks a monitor and a child per connection)."""
+def descendants(pid: int, *, skip: int | None = None) -> list[int]:
+    """Every descendant of pid, from one look at /proc; `skip` and its own
+    descendants left out (sshd forks a monitor and a child per connection)."""
     parent: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -88,7 +89,7 @@ def _children(pid: int) -> list[int]:
     frontier = [pid]
     while frontier:
         p = frontier.pop()
-        kids = [c for c, pp in parent.items() if pp == p]
+        kids = [c for c, pp in parent.items() if pp == p and c != skip]
         found += kids
         frontier += kids
     return found
@@ -114,7 +115,7 @@ def _wait_listening(proc: subprocess.Popen[bytes], port: int, log: Path) -> None
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    kids = _children(proc.pid)
+    kids = descendants(proc.pid)
     if proc.poll() is None:
         proc.terminate()
         try:

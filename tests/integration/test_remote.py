@@ -54,8 +54,14 @@ def test_agctl_over_ssh_sees_the_remote_login_user(
     d, server, user = remote
     home = _ssh_home(server, tmp_path)
     env = {**os.environ, "HOME": str(home), "SSH_AUTH_SOCK": ""}
-    argv = [sys.executable, "-m", "autogentoo.client", "--json",
-            "--host", f"ssh://buildbox{d.socket}"]
+    argv = [
+        sys.executable,
+        "-m",
+        "autogentoo.client",
+        "--json",
+        "--host",
+        f"ssh://buildbox{d.socket}",
+    ]
     r = subprocess.run([*argv, "whoami"], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 0, r.stderr
     me = json.loads(r.stdout)
@@ -64,9 +70,13 @@ def test_agctl_over_ssh_sees_the_remote_login_user(
     r = subprocess.run([*argv, "status"], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 0 and json.loads(r.stdout)["api"] == "v1"
     # AGCTL_HOST is the default host.
-    r = subprocess.run([sys.executable, "-m", "autogentoo.client", "whoami"],
-                       capture_output=True, text=True, timeout=60,
-                       env={**env, "AGCTL_HOST": f"ssh://buildbox{d.socket}"})
+    r = subprocess.run(
+        [sys.executable, "-m", "autogentoo.client", "whoami"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "AGCTL_HOST": f"ssh://buildbox{d.socket}"},
+    )
     assert r.returncode == 0 and user.name in r.stdout
 
 
@@ -77,9 +87,17 @@ def test_unknown_host_key_is_refused(
     home = _ssh_home(server, tmp_path)
     Path(server.known_hosts).write_text("")  # we have never seen this host
     r = subprocess.run(
-        [sys.executable, "-m", "autogentoo.client", "--host", f"ssh://buildbox{d.socket}",
-         "status"],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "autogentoo.client",
+            "--host",
+            f"ssh://buildbox{d.socket}",
+            "status",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={**os.environ, "HOME": str(home), "SSH_AUTH_SOCK": ""},
     )
     assert r.returncode == 8

@@ -61,14 +61,21 @@ class Notifications:
         self.sock.close()
 
 
-def _activate(workdir: Path, notify: Path, extra_env: dict[str, str]) -> tuple[
-    subprocess.Popen[bytes], Path, Path
-]:
+def _activate(
+    workdir: Path, notify: Path, extra_env: dict[str, str]
+) -> tuple[subprocess.Popen[bytes], Path, Path]:
     config, _ = write_config(workdir)
     sock = workdir / "activated.sock"
     log = workdir / "daemon.log"
-    argv = ["systemd-socket-activate", "-l", str(sock), "-E", f"NOTIFY_SOCKET={notify}",
-            "-E", f"PYTHONPATH={os.environ.get('PYTHONPATH', '')}"]
+    argv = [
+        "systemd-socket-activate",
+        "-l",
+        str(sock),
+        "-E",
+        f"NOTIFY_SOCKET={notify}",
+        "-E",
+        f"PYTHONPATH={os.environ.get('PYTHONPATH', '')}",
+    ]
     for k, v in extra_env.items():
         argv += ["-E", f"{k}={v}"]
     argv += [sys.executable, "-m", "autogentoo.daemon", "--config", str(config)]

@@ -13,6 +13,7 @@ import hashlib
 import os
 import queue
 import shutil
+import signal
 import socket
 import struct
 import tempfile
@@ -34,7 +35,7 @@ from autogentoo.client.transport import (
 from autogentoo.errors import Code, InvalidArgument
 from tests.helpers import sshd as sshd_helpers
 from tests.helpers import users as users_helpers
-from tests.helpers.sshd import SshServer, _children, keygen
+from tests.helpers.sshd import SshServer, descendants, keygen
 from tests.helpers.users import MakeUser, run_as
 
 # fixtures, requested by name below
@@ -450,6 +451,20 @@ def test_ssh_remote_socket_missing(server: PeerServer, sshd: SshServer, server_d
 
 
 @pytest.mark.integration
+def test_ssh_redials_after_the_connection_dies(server: PeerServer, sshd: SshServer) -> None:
+    with ssh(sshd, str(server.path)) as t:
+        with t.connect() as sock:
+            assert hello(sock) == sshd.user.uid
+        # end sshd's per-connection processes: the SSH connection dies under us
+        for pid in descendants(sshd.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with t.connect() as sock:
+            assert hello(sock) == sshd.user.uid
+    assert sshd.log.read_text().count("Accepted publickey") == 2
+
+
+@pytest.mark.integration
 def test_ssh_close_leaves_nothing(server: PeerServer, sshd: SshServer, server_dir: Path) -> None:
     threads_before = set(threading.enumerate())
     fds_before = fds()
@@ -471,8 +486,7 @@ def test_ssh_close_leaves_nothing(server: PeerServer, sshd: SshServer, server_di
     assert fds() == fds_before
     assert set(server_dir.iterdir()) == files_before
     # nothing but sshd (the fixture's) and its per-connection children
-    ours = set(_children(os.getpid())) - {sshd.pid} - set(_children(sshd.pid))
-    assert ours == set()
+    assert descendants(os.getpid(), skip=sshd.pid) == []
 
 
 @pytest.mark.integration

@@ -3,6 +3,7 @@ bootstrap, clean up, and run commands in them."""
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 from dataclasses import dataclass
@@ -150,10 +151,8 @@ async def delete_root(ctx: Ctx) -> dict[str, Any]:
     d, root = _writable(ctx)
 
     async def work(job: JobContext) -> None:
-        from autogentoo.daemon.mounts import cleanup_under
-
         roots_mod.set_state(d, root.name, roots_mod.DELETING)
-        removed = await cleanup_under(str(d.storage.path(root.name)))
+        removed = await roots_mod.unmount_all(d, root.name)
         for m in removed:
             job.log.line(f"unmounted {m}")
         await d.storage.destroy(root.name)
@@ -347,8 +346,6 @@ async def bootstrap_root(ctx: Ctx) -> dict[str, Any]:
     summary="Stop the root's jobs and remove every mount under it, deepest first",
 )
 async def cleanup_root(ctx: Ctx) -> dict[str, Any]:
-    from autogentoo.daemon.mounts import cleanup_under
-
     d = _daemon(ctx)
     root = roots_mod.get(d, ctx.param("name", "root name"))
     roots_mod.check_access(ctx.caller, root, write=True)
@@ -359,7 +356,7 @@ async def cleanup_root(ctx: Ctx) -> dict[str, Any]:
     for job in list(d.jobs.live.values()):
         if job.id in cancelled and job.task is not None:
             await job.done.wait()
-    removed = await cleanup_under(str(d.storage.path(root.name)))
+    removed = await roots_mod.unmount_all(d, root.name)
     return {"root": root.name, "cancelled_jobs": cancelled, "unmounted": removed}
 
 
@@ -479,13 +476,16 @@ async def _run_script(
     """Write the script into the root (the Gentoo way: chroot ROOT /script.sh), run, remove."""
     from autogentoo.daemon import pathsafe
 
-    rel = str(runner.script_path(job.id)).lstrip("/")
-    path = d.storage.path(root.name)
-    with pathsafe.RootDir(path) as rd:
-        os.close(pathsafe.makedirs_in_root(rd.fd, str(Path(rel).parent), 0o700))
-        pathsafe.write_file_in_root(rd.fd, rel, script, 0o700)
+    rel = Path(str(runner.script_path(job.id)).lstrip("/"))
+    with pathsafe.RootDir(d.storage.path(root.name)) as rd:
+        dir_fd = pathsafe.makedirs_in_root(rd.fd, str(rel.parent), 0o700)
     try:
+        with pathsafe.RootDir(d.storage.path(root.name)) as rd:
+            pathsafe.write_file_in_root(rd.fd, str(rel), script, 0o700)
         return await runner.run_in_root(d, job, root, argv, env=env)
     finally:
-        with pathsafe.RootDir(path) as rd:
-            pathsafe.unlink_in_root(rd.fd, rel)
+        # By the directory fd opened safely above: the job may have replaced
+        # the directory with a symlink meanwhile, and that must not matter.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(rel.name, dir_fd=dir_fd)
+        os.close(dir_fd)
