@@ -33,6 +33,9 @@ from pathlib import Path
 
 import pytest
 
+# Fixtures shared across test modules (users, sshd) live with their helpers.
+pytest_plugins = ["tests.helpers.users", "tests.helpers.sshd"]
+
 ROOT = Path(__file__).resolve().parent.parent
 # Seconds a check waits for asynchronous unmounts and reaping before failing.
 GRACE = float(os.environ.get("AUTOGENTOO_TEST_LEAK_GRACE", "2"))

@@ -236,6 +236,12 @@ def cmd_run(args: argparse.Namespace, c: Client) -> int:
     )
 
 
+def cmd_shell(args: argparse.Namespace, c: Client) -> int:
+    from autogentoo.client.terminal import run_shell
+
+    return run_shell(c, args.root)
+
+
 def cmd_jobs(args: argparse.Namespace, c: Client) -> int:
     rows = c.call(
         "GET", "/jobs", query={"root": args.root, "state": args.state, "limit": args.limit}
@@ -380,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("command", nargs="*", help="-- CMD ARGS... (admins)")
     _detach(sp)
 
+    sp = add("shell", cmd_shell, "an interactive shell in a root (admins)")
+    sp.add_argument("root", type=_name)
     sp = add("jobs", cmd_jobs, "list jobs, newest first")
     sp.add_argument("--root", type=_name)
     sp.add_argument("--state")

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import stat
+import struct
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -266,6 +268,107 @@ def bind_mount(stack: ExitStack, rootfd: int, bind: Bind) -> None:
         os.close(mfd)
         raise
     os.close(_attach(stack, mfd, targetfd, f"{bind.source} on {bind.target}"))
+
+
+@dataclass(frozen=True)
+class ImageMount:
+    """A filesystem image (a repository snapshot) mounted read-only in the root.
+
+    source is the daemon's image file, target a directory in the root.
+    """
+
+    source: str
+    target: str
+    fstype: str = "squashfs"
+
+
+# <linux/loop.h>
+LOOP_CONFIGURE = 0x4C0A
+LOOP_CTL_GET_FREE = 0x4C82
+LO_FLAGS_READ_ONLY = 1
+LO_FLAGS_AUTOCLEAR = 4
+# struct loop_config: fd, block_size, struct loop_info64, __u64 reserved[8]
+_LOOP_CONFIG = struct.Struct("=II QQQQQ IIII 64s64s32s QQ 8Q")
+IMAGE_FSTYPES = frozenset({"squashfs", "erofs"})
+
+
+def attach_loop(image: str, *, attempts: int = 64) -> tuple[int, str]:
+    """A read-only, auto-clearing loop device over image: (fd on it, its /dev path).
+
+    LO_FLAGS_AUTOCLEAR makes the kernel detach the device when its last
+    user goes: the fd returned here and then the mount made on it. Made in
+    a job's namespace, the device therefore disappears with the job, even
+    when the daemon is killed. LOOP_CONFIGURE attaches and sets the flags
+    in one step, so no window exists in which the device is attached but
+    would not clear itself.
+    """
+    backing = os.open(image, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        if not stat.S_ISREG(os.fstat(backing).st_mode):
+            raise MountError(f"{image} is not a regular file", image=image)
+        name = os.fsencode(image)[:63]
+        config = _LOOP_CONFIG.pack(
+            backing,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR,
+            name,
+            b"",
+            b"",
+            0,
+            0,
+            *([0] * 8),
+        )
+        ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            for _ in range(attempts):
+                number = fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
+                dev = f"/dev/loop{number}"
+                lfd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    fcntl.ioctl(lfd, LOOP_CONFIGURE, config)
+                except OSError as e:
+                    os.close(lfd)
+                    if e.errno == errno.EBUSY:  # another job took it between the two calls
+                        continue
+                    raise
+                return lfd, dev
+        finally:
+            os.close(ctl)
+    finally:
+        os.close(backing)
+    raise MountError(f"no free loop device for {image} after {attempts} tries", image=image)
+
+
+def mount_image(stack: ExitStack, rootfd: int, image: ImageMount) -> None:
+    """Loop-mount an image read-only (nosuid, nodev) at image.target in the root."""
+    if image.fstype not in IMAGE_FSTYPES:
+        raise MountError(f"{image.fstype!r} is not an image type this daemon mounts")
+    lfd, dev = attach_loop(image.source)
+    try:
+        targetfd = makedirs_in_root(rootfd, image.target)
+        try:
+            # "ro" opens the block device read-only (it is a read-only loop);
+            # MOUNT_ATTR_RDONLY makes the mount itself refuse writes.
+            mfd = linux.fsmount_new(
+                image.fstype,
+                {"source": dev, "ro": None},
+                linux.MOUNT_ATTR_RDONLY | linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV,
+            )
+        except BaseException:
+            os.close(targetfd)
+            raise
+        os.close(_attach(stack, mfd, targetfd, f"{image.source} on {image.target}"))
+    finally:
+        # The mount holds the device now; with our fd gone, its end detaches it.
+        os.close(lfd)
 
 
 def bind_file_contents(stack: ExitStack, rootfd: int, target: str, data: bytes) -> None:

@@ -66,9 +66,7 @@ class Mirrors:
 
     def __init__(self, mirrors: tuple[str, ...], *, what: str = "upstream.mirrors") -> None:
         if not mirrors:
-            raise Unavailable(
-                f"no mirror is configured: set {what} in the daemon config", key=what
-            )
+            raise Unavailable(f"no mirror is configured: set {what} in the daemon config", key=what)
         self.mirrors = mirrors
         self.what = what
         self._session: aiohttp.ClientSession | None = None
@@ -94,7 +92,9 @@ class Mirrors:
 
     @staticmethod
     def url(mirror: str, rel: str) -> str:
-        return f"{mirror}/{rel}" if mirror.startswith(("http://", "https://")) else f"{mirror}/{rel}"
+        if mirror.startswith(("http://", "https://")):
+            return f"{mirror}/{rel}"
+        return f"file://{mirror}/{rel}"
 
     async def fetch(
         self, rel: str, dest: Path, *, max_bytes: int, log: Log | None = None
@@ -130,9 +130,6 @@ class Mirrors:
         raise NotFound(
             f"no mirror has {rel} (asked: {', '.join(missing)})", file=rel, mirrors=missing
         )
-
-    async def fetch_small(self, rel: str, dest: Path, *, max_bytes: int = 1 << 20) -> Fetched:
-        return await self.fetch(rel, dest, max_bytes=max_bytes)
 
     # --- one mirror ------------------------------------------------------------
 

@@ -44,13 +44,19 @@ class DaemonProc:
         self, *args: str, check: bool = False, input: bytes | None = None, timeout: float = 120
     ) -> subprocess.CompletedProcess[str]:
         """Run the real agctl command line against this daemon."""
-        return subprocess.run(
+        r = subprocess.run(
             [sys.executable, "-m", "autogentoo.client", "--socket", str(self.socket), *args],
             capture_output=True,
-            text=True,
             check=check,
             timeout=timeout,
+            input=input,
             env={**os.environ, "AGCTL_HOST": ""},
+        )
+        return subprocess.CompletedProcess(
+            r.args,
+            r.returncode,
+            r.stdout.decode(errors="replace"),
+            r.stderr.decode(errors="replace"),
         )
 
     def log(self) -> str:

@@ -20,7 +20,7 @@ from autogentoo.client.http import Client
 from autogentoo.client.transport import LocalTransport, TransportError
 from autogentoo.errors import AgError, Code
 from tests.helpers.daemon import DaemonProc, running_daemon, start_daemon
-from tests.helpers.users import MakeUser, make_user, run_as  # noqa: F401 - fixture
+from tests.helpers.users import MakeUser, run_as
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,7 @@ import pytest
 
 from tests.helpers.daemon import DaemonProc, running_daemon
 from tests.helpers.sshd import SshServer, start_sshd
-from tests.helpers.users import MakeUser, User, make_user  # noqa: F401 - fixture
+from tests.helpers.users import MakeUser, User
 
 pytestmark = pytest.mark.integration
 

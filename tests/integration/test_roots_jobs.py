@@ -21,7 +21,7 @@ from autogentoo.client.transport import LocalTransport
 from autogentoo.errors import AgError
 from tests.helpers.daemon import DaemonProc, running_daemon, start_daemon
 from tests.helpers.stage3 import make_stage3
-from tests.helpers.users import MakeUser, User, make_user, run_as  # noqa: F401 - fixture
+from tests.helpers.users import MakeUser, User, run_as
 
 pytestmark = pytest.mark.integration
 
@@ -170,7 +170,7 @@ def test_builder_rules_with_real_users(workdir: Path, stage3: Path, make_user: M
             alice,
             "POST",
             "/roots/alices/run",
-            {"recipe": "hello", "env": {"LD_PRELOAD": "/tmp/x.so"}},
+            {"recipe": "hello", "env": {"LD_PRELOAD": "/lib/x.so"}},
         )
         assert r["error"] == "forbidden"
         # Bob is in the same group but the root was not shared.
@@ -182,7 +182,8 @@ def test_builder_rules_with_real_users(workdir: Path, stage3: Path, make_user: M
         r = as_user(alice, "POST", "/roots", {"name": "x", "upload": "../../etc/shadow"})
         assert r["error"] == "invalid_argument"
         # Someone else's upload does not exist as far as alice is concerned.
-        up = d.client().upload("/uploads", open(stage3, "rb"), query={"filename": "s.tar.xz"})
+        with open(stage3, "rb") as f, d.client() as c:
+            up = c.upload("/uploads", f, query={"filename": "s.tar.xz"})
         r = as_user(alice, "POST", "/roots", {"name": "x", "upload": up["id"]})
         assert r["error"] == "not_found"
         # A shared root: bob may work on it.
@@ -382,3 +383,29 @@ def test_logs_follow_streams_live(workdir: Path, stage3: Path) -> None:
         )
         r = d.agctl("logs", "-f", str(job["id"]))
         assert r.stdout.splitlines() == ["line 1", "line 2", "line 3"]
+
+
+def test_shell_is_a_real_terminal_for_admins_only(
+    workdir: Path, stage3: Path, make_user: MakeUser
+) -> None:
+    builder = make_user(groups=["agt-builders"])
+    with running_daemon(
+        workdir, {"socket_mode": "0666", "policy": {"groups": {"agt-builders": "builder"}}}
+    ) as d:
+        create_root(d, "gs", stage3)
+        r = d.agctl("shell", "gs", input=b"echo $TERM; stty size; exit 4\n")
+        assert r.returncode == 4, r.stderr
+        # A real terminal: stty reads the window size the client sent.
+        assert "24 80" in r.stdout and "xterm" in r.stdout
+
+        def try_shell() -> str:
+            from autogentoo.client.terminal import WebSocket
+
+            try:
+                with Client(LocalTransport(str(d.socket))) as c:
+                    WebSocket.connect(c, "/roots/gs/shell", {})
+                return "opened"
+            except AgError as e:
+                return str(e.code)
+
+        assert run_as(builder.uid, builder.gid, builder.groups(), try_shell) == "forbidden"

@@ -7,6 +7,6 @@ router = Router()
 
 def load_all() -> Router:
     # Importing the modules registers their routes on `router`.
-    from autogentoo.daemon.api import jobs, roots, system, uploads  # noqa: F401
+    from autogentoo.daemon.api import jobs, roots, shell, system, uploads  # noqa: F401
 
     return router
