@@ -154,6 +154,10 @@ if [[ ! -x $venv/bin/python ]]; then
     /usr/bin/python3 -m venv "$venv"
     step "venv: created $venv"
 fi
+# Two test runs at once (a developer's and CI's) must not reinstall the
+# project into the same venv at the same time.
+exec 9>"$venv/.autogentoo-setup.lock"
+flock 9
 pip=("$venv/bin/python" -m pip --disable-pip-version-check --no-input -q)
 export PIP_ROOT_USER_ACTION=ignore
 

@@ -236,6 +236,92 @@ def cmd_run(args: argparse.Namespace, c: Client) -> int:
     )
 
 
+def download(
+    args: argparse.Namespace, c: Client, artifact: str, dest: str, file: str | None = None
+) -> None:
+    """Stream an artefact to dest, written by agctl as the calling user, atomically."""
+    info = c.call("GET", f"/artifacts/{artifact}")
+    name = file or info["files"][0]
+    target = Path(dest)
+    if target.is_dir():
+        target = target / name
+    part = target.with_name(f".{target.name}.part")
+    progress = output.Progress(f"downloading {name}")
+    total = info["size"] if file is None else 0
+    done = 0
+    try:
+        with open(part, "wb") as f:
+            for chunk in c.stream(f"/artifacts/{artifact}/content", {"file": file}):
+                f.write(chunk)
+                done += len(chunk)
+                if total and not args.quiet:
+                    progress(done, total)
+        os.replace(part, target)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    if not args.json and not args.quiet:
+        print(f"wrote {target} ({done} bytes)", file=sys.stderr)
+
+
+def _artifact_of(job: dict[str, Any]) -> str | None:
+    result = job.get("result") or {}
+    art = result.get("artifact")
+    return str(art) if art else None
+
+
+def run_artifact_job(args: argparse.Namespace, c: Client, job: dict[str, Any]) -> int:
+    """Follow a job that makes an artefact; with -o, download it."""
+    rc = wait_job(args, c, job)
+    if rc != 0 or args.detach:
+        return rc
+    final = c.call("GET", f"/jobs/{job['id']}")
+    art = _artifact_of(final)
+    if art is None:
+        return rc
+    if args.output:
+        download(args, c, art, args.output)
+    elif not args.json:
+        print(f"artefact {art} (agctl artifacts get {art} -o FILE)")
+    return 0
+
+
+def cmd_pack_root(args: argparse.Namespace, c: Client) -> int:
+    body: dict[str, Any] = {
+        "compress": args.compress,
+        "layered": not args.single,
+        "rescan": args.rescan,
+    }
+    for key in ("hardware", "secret_sauce", "level", "epoch"):
+        if getattr(args, key) is not None:
+            body[key] = getattr(args, key)
+    if args.exclude:
+        body["exclude"] = args.exclude
+    return run_artifact_job(args, c, c.call("POST", f"/roots/{args.root}/pack", body=body))
+
+
+def cmd_artifacts(args: argparse.Namespace, c: Client) -> int:
+    rows = c.call("GET", "/artifacts", query={"root": args.root, "kind": args.kind})
+    return _out(
+        args, rows, lambda r: output.table(r, ["id", "kind", "root", "size", "created", "files"])
+    )
+
+
+def cmd_artifact_show(args: argparse.Namespace, c: Client) -> int:
+    return _out(args, c.call("GET", f"/artifacts/{args.id}"), output.fields)
+
+
+def cmd_artifact_get(args: argparse.Namespace, c: Client) -> int:
+    download(args, c, args.id, args.output or ".", args.file)
+    return 0
+
+
+def cmd_artifact_delete(args: argparse.Namespace, c: Client) -> int:
+    return _out(
+        args, c.call("DELETE", f"/artifacts/{args.id}"), lambda r: print(f"deleted {r['deleted']}")
+    )
+
+
 def cmd_shell(args: argparse.Namespace, c: Client) -> int:
     from autogentoo.client.terminal import run_shell
 
@@ -286,6 +372,12 @@ def _name(value: str) -> str:
         return check_name(value)
     except AgError as e:
         raise argparse.ArgumentTypeError(e.message) from None
+
+
+def _artifact_id(value: str) -> str:
+    if len(value) != 16 or not all(c in "0123456789abcdef" for c in value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not an artefact id (16 hex digits)")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -385,6 +477,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("command", nargs="*", help="-- CMD ARGS... (admins)")
     _detach(sp)
+
+    sp = add("pack-root", cmd_pack_root, "pack a root and overlays into an initramfs")
+    sp.add_argument("root", type=_name)
+    sp.add_argument("--hardware", type=_name, help="overlay from config/overlays/hardware/")
+    sp.add_argument(
+        "--secret-sauce",
+        type=_name,
+        dest="secret_sauce",
+        help="overlay from config/overlays/secret-sauce/",
+    )
+    sp.add_argument("--compress", default="gzip", choices=["gzip", "zstd", "xz", "lz4", "none"])
+    sp.add_argument("--level", type=int)
+    sp.add_argument(
+        "--single",
+        action="store_true",
+        help="one archive (for embedding in a kernel) instead of cached layers",
+    )
+    sp.add_argument(
+        "--exclude",
+        action="append",
+        metavar="GLOB",
+        help="also leave out paths matching GLOB ('!GLOB' keeps them)",
+    )
+    sp.add_argument("--epoch", type=int, help="SOURCE_DATE_EPOCH for the archive's mtimes")
+    sp.add_argument("--rescan", action="store_true", help="walk the root even if unchanged")
+    sp.add_argument("-o", "--output", help="write the initramfs here")
+    _detach(sp)
+
+    arts = sub.add_parser(
+        "artifacts", help="list, show, download and delete artefacts", parents=[common]
+    )
+    arts.set_defaults(func=cmd_artifacts, root=None, kind=None)
+    asub = arts.add_subparsers(dest="artifacts_command", metavar="ACTION")
+    sp = add("list", cmd_artifacts, "list artefacts, newest first", asub)
+    sp.add_argument("--root", type=_name)
+    sp.add_argument("--kind", type=_name)
+    sp = add("show", cmd_artifact_show, "show an artefact", asub)
+    sp.add_argument("id", type=_artifact_id)
+    sp = add("get", cmd_artifact_get, "download an artefact's file", asub)
+    sp.add_argument("id", type=_artifact_id)
+    sp.add_argument("-o", "--output", help="file or directory to write (default: here)")
+    sp.add_argument("--file", help="one of the artefact's other files (its .config, log...)")
+    sp = add("delete", cmd_artifact_delete, "delete an artefact", asub)
+    sp.add_argument("id", type=_artifact_id)
 
     sp = add("shell", cmd_shell, "an interactive shell in a root (admins)")
     sp.add_argument("root", type=_name)

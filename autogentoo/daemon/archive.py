@@ -44,6 +44,7 @@ from autogentoo.errors import (
 )
 
 Progress = Callable[[int, int], None]
+PROGRESS_INTERVAL = 1.0  # seconds between looks at how far tar has read
 
 # Linux follows at most this many symlinks in one lookup (MAXSYMLINKS).
 MAX_SYMLINK_HOPS = 40
@@ -477,6 +478,46 @@ def _scan(
     return _ScanResult(scanner.members, scanner.content_bytes)
 
 
+def _read_position(ident: tuple[int, int]) -> int | None:
+    """How far our descendants (tar, its decompressor) have read the tarball.
+
+    Best effort and cheap: one pass over /proc/*/stat for parent links (the
+    kernel here has no /proc/PID/task/TID/children), then the fds of our own
+    descendants only. Any process vanishing meanwhile is skipped.
+    """
+    parents: dict[int, int] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            parents[int(entry.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    ours = {os.getpid()}
+    changed = True
+    while changed:
+        changed = False
+        for pid, ppid in parents.items():
+            if ppid in ours and pid not in ours:
+                ours.add(pid)
+                changed = True
+    ours.discard(os.getpid())
+    best: int | None = None
+    for pid in ours:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    st = os.stat(f"/proc/{pid}/fd/{fd}")
+                    if (st.st_dev, st.st_ino) != ident:
+                        continue
+                    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                        pos = int(f.readline().split()[1])
+                    best = pos if best is None else max(best, pos)
+    return best
+
+
 def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_dev, a.st_ino, a.st_size, a.st_ctime_ns) == (
         b.st_dev,
@@ -535,7 +576,9 @@ async def extract_stage3(
         report_here(st.st_size)
         if not _same_file(st, os.stat(tarball, follow_symlinks=False)):
             raise UnsafeArchive(f"{tarball.name} changed while it was being checked")
-        await _tar_extract(tarball, dest)
+        await _tar_extract(
+            tarball, dest, (st.st_dev, st.st_ino), lambda pos: report_here(st.st_size + pos)
+        )
         if not _same_file(st, os.stat(tarball, follow_symlinks=False)):
             raise UnsafeArchive(f"{tarball.name} changed while it was being extracted")
         report_here(total)
@@ -563,7 +606,9 @@ def _check_empty_dir(dest: Path) -> None:
             raise Conflict(f"extraction target {dest} is not empty")
 
 
-async def _tar_extract(tarball: Path, dest: Path) -> None:
+async def _tar_extract(
+    tarball: Path, dest: Path, ident: tuple[int, int], on_pos: Callable[[int], None]
+) -> None:
     argv = [
         "tar",
         "--extract",
@@ -578,7 +623,21 @@ async def _tar_extract(tarball: Path, dest: Path) -> None:
         "-f",
         str(tarball),
     ]
-    result = await run(argv, check=False, capture=False)
+    task = asyncio.ensure_future(run(argv, check=False, capture=False))
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=PROGRESS_INTERVAL)
+            if done:
+                break
+            pos = _read_position(ident)
+            if pos is not None:
+                on_pos(pos)
+        result = task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
     if result.returncode == 0:
         return
     err = result.stderr.decode("utf-8", "replace")

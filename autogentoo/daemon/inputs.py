@@ -242,7 +242,8 @@ async def fetch_stage3(daemon: Daemon, ctx: JobContext, profile: str) -> None:
             )
             entry = parse_latest(index.text.decode("utf-8", "replace"), profile)
             log(
-                f"newest {profile}: {entry.path} ({entry.size} bytes), index signed by {index.fingerprint}"
+                f"newest {profile}: {entry.path} ({entry.size} bytes),"
+                f" index signed by {index.fingerprint}"
             )
             tar_rel = f"{base}/{entry.path}"
 

@@ -112,6 +112,9 @@ class JobManager:
         self._locks: dict[str, _RootLock] = {}
         self._running = 0
         self._stopping = False
+        # Bumped whenever a job that may write a root ends: anything cached
+        # about a root's tree (pack-root's walk) is keyed on it.
+        self._generations: dict[str, int] = {}
         logs_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
 
     # --- lifecycle ---------------------------------------------------------
@@ -240,6 +243,8 @@ class JobManager:
         job.ctx.log.close()
         if job.root is not None:
             self._locks[job.root].release(job.lock)
+            if job.lock is Lock.EXCLUSIVE:
+                self._generations[job.root] = self._generations.get(job.root, 0) + 1
         self._running -= 1
         job.state = final
         self._finish_row(job, final, job.ctx.result.get("returncode"), error)
@@ -299,6 +304,9 @@ class JobManager:
         if row is None:
             raise NotFound(f"there is no job {job_id}", job=job_id)
         return row
+
+    def generation(self, root: str) -> int:
+        return self._generations.get(root, 0)
 
     def running_on(self, root: str) -> list[LiveJob]:
         return [j for j in self.live.values() if j.root == root]

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from autogentoo.daemon.sandbox import Bind, JobSpec, job_env
+from autogentoo.daemon.sandbox import Bind, ImageMount, JobSpec, job_env
 
 if TYPE_CHECKING:
     from autogentoo.daemon.jobs import JobContext
@@ -46,6 +46,21 @@ def cache_binds(daemon: Daemon, root: Root, *, sync_repos: bool) -> list[Bind]:
     ]
 
 
+def repo_images(daemon: Daemon, *, sync_repos: bool) -> list[ImageMount]:
+    """The repository snapshot in use (`agctl repo use`), over /var/db/repos/gentoo.
+
+    A sync job gets the writable tree of caches.repos instead.
+    """
+    from autogentoo.daemon.inputs import active_repo_image
+
+    image = None if sync_repos else active_repo_image(daemon)
+    if image is None:
+        return []
+    # The mount point, made on the host: inside the job the bind is read-only.
+    (daemon.config.caches.repos / "gentoo").mkdir(parents=True, exist_ok=True, mode=0o755)
+    return [ImageMount(str(image), "/var/db/repos/gentoo")]
+
+
 def job_spec(
     daemon: Daemon,
     root: Root,
@@ -61,6 +76,7 @@ def job_spec(
         env=job_env(env, term="xterm" if pty else None),
         cwd="/",
         binds=cache_binds(daemon, root, sync_repos=sync_repos),
+        images=tuple(repo_images(daemon, sync_repos=sync_repos)),
         portage_tmpfs_size=daemon.config.jobs.portage_tmpfs_size,
         resolv_conf=_resolv_conf(),
         hostname=root.name,

@@ -44,10 +44,10 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from autogentoo.daemon import linux, mounts
-from autogentoo.daemon.mounts import Bind
+from autogentoo.daemon.mounts import Bind, ImageMount
 from autogentoo.errors import AgError, InvalidArgument, JobFailed
 
-__all__ = ["DEFAULT_ENV", "Bind", "JobSetupError", "JobSpec", "enter", "job_env"]
+__all__ = ["DEFAULT_ENV", "Bind", "ImageMount", "JobSetupError", "JobSpec", "enter", "job_env"]
 
 DEFAULT_ENV: Mapping[str, str] = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -105,10 +105,13 @@ class JobSpec:
     pty: bool = False
     uid: int = 0
     gid: int = 0
+    # Loop-mounted read-only after the binds (so one may sit inside a bind).
+    images: tuple[ImageMount, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "argv", tuple(self.argv))
         object.__setattr__(self, "binds", tuple(self.binds))
+        object.__setattr__(self, "images", tuple(self.images))
         if not self.root.startswith("/"):
             raise InvalidArgument(f"job root {self.root!r} is not an absolute path")
         if not self.argv or not all(isinstance(a, str) and "\0" not in a for a in self.argv):
@@ -122,6 +125,15 @@ class JobSpec:
                 )
             if ".." in b.target.split("/"):
                 raise InvalidArgument(f"bind target {b.target!r} must not contain '..'")
+        for i in self.images:
+            if not i.source.startswith("/") or not i.target.startswith("/"):
+                raise InvalidArgument(
+                    f"image {i.source!r} -> {i.target!r}: both paths must be absolute"
+                )
+            if ".." in i.target.split("/"):
+                raise InvalidArgument(f"image target {i.target!r} must not contain '..'")
+            if i.fstype not in mounts.IMAGE_FSTYPES:
+                raise InvalidArgument(f"image type {i.fstype!r} is not supported")
         if not _SIZE_RE.fullmatch(self.portage_tmpfs_size):
             raise InvalidArgument(
                 f"portage tmpfs size {self.portage_tmpfs_size!r} is not a size like 8G or 50%"
@@ -146,6 +158,7 @@ class JobSpec:
             "pty": self.pty,
             "uid": self.uid,
             "gid": self.gid,
+            "images": [[i.source, i.target, i.fstype] for i in self.images],
         }
 
     @classmethod
@@ -164,6 +177,7 @@ class JobSpec:
                 pty=bool(d["pty"]),
                 uid=int(d["uid"]),
                 gid=int(d["gid"]),
+                images=tuple(ImageMount(str(s), str(t), str(f)) for s, t, f in d.get("images", ())),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise InvalidArgument(f"malformed job spec: {e}") from None
@@ -269,6 +283,9 @@ def _setup(stack: ExitStack, spec: JobSpec) -> None:
         for b in spec.binds:
             where = f"{b.target} (bind of {b.source})"
             mounts.bind_mount(stack, rootfd, b)
+        for i in spec.images:
+            where = f"{i.target} ({i.fstype} image {i.source})"
+            mounts.mount_image(stack, rootfd, i)
         if spec.resolv_conf is not None:
             where = "/etc/resolv.conf"
             mounts.bind_file_contents(stack, rootfd, "etc/resolv.conf", spec.resolv_conf)

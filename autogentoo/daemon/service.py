@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from autogentoo.daemon.artifacts import Store
 from autogentoo.daemon.config import Config
 from autogentoo.daemon.jobs import JobManager
+from autogentoo.daemon.packroot import ScanCache
 from autogentoo.daemon.state import State
 
 if TYPE_CHECKING:
@@ -37,6 +40,11 @@ class Daemon:
         self.state = State(config.db_path)
         self.jobs = JobManager(self.state, config.logs_dir, config.jobs.max_parallel)
         self.openapi_doc: dict[str, Any] | None = None
+        self.artifacts = Store(self.state, config.artifacts_dir)
+        self.scan_cache = ScanCache()
+        # Tokens derived from job generations are only meaningful within one
+        # daemon run: a restart must not trust walks made by the previous one.
+        self.boot_id = secrets.token_hex(4)
         self._storage: Storage | None = None
         self._spawner: Spawner | None = None
 
@@ -63,6 +71,7 @@ class Daemon:
         self.jobs.recover()
         _clear_dir(self.config.tmp_dir)
         uploads.recover(self.state, self.config.uploads_dir)
+        self.artifacts.recover()
         from autogentoo.daemon import roots
 
         await roots.recover(self)

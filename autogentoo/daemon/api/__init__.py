@@ -7,6 +7,15 @@ router = Router()
 
 def load_all() -> Router:
     # Importing the modules registers their routes on `router`.
-    from autogentoo.daemon.api import jobs, roots, shell, system, uploads  # noqa: F401
+    from autogentoo.daemon.api import (  # noqa: F401
+        artifacts,
+        jobs,
+        pack,
+        roots,
+        shell,
+        system,
+        uploads,
+        upstream,
+    )
 
     return router

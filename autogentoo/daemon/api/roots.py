@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from autogentoo import API_VERSION
+from autogentoo.daemon import inputs, runner
 from autogentoo.daemon import roots as roots_mod
-from autogentoo.daemon import runner
 from autogentoo.daemon import uploads as uploads_mod
 from autogentoo.daemon.api import router
 from autogentoo.daemon.config import Role
@@ -46,6 +46,11 @@ class CreateRoot:
     group: str | None = doc_field(
         "share the root with this group (builders in it may use it)", default=None
     )
+    profile: str | None = doc_field(
+        "a stage3 profile fetched with `agctl stage3 fetch` (amd64-openrc): its newest"
+        " verified tarball; a 'stage3' that names no file but such a profile means the same",
+        default=None,
+    )
 
 
 @router.route("GET", V, role=Role.VIEWER, summary="List roots", tag="roots")
@@ -64,8 +69,15 @@ async def list_roots(ctx: Ctx) -> list[dict[str, Any]]:
 async def create_root(ctx: Ctx) -> dict[str, Any]:
     d = _daemon(ctx)
     b: CreateRoot = ctx.body
-    if (b.upload is None) == (b.stage3 is None):
-        raise InvalidArgument("give exactly one of 'upload' and 'stage3'")
+    if sum(x is not None for x in (b.upload, b.stage3, b.profile)) != 1:
+        raise InvalidArgument("give exactly one of 'upload', 'stage3' and 'profile'")
+    profile = b.profile
+    if (
+        b.stage3 is not None
+        and not (d.config.stage3_dir / _stage3_name(b.stage3)).is_file()
+        and inputs.newest_stage3(d, b.stage3) is not None
+    ):
+        profile = b.stage3
     group_gid = None
     if b.group is not None:
         try:
@@ -78,12 +90,26 @@ async def create_root(ctx: Ctx) -> dict[str, Any]:
         up = uploads_mod.get(d.state, d.config.uploads_dir, b.upload, ctx.caller)
         tarball, filename = up.path, up.filename
         source = {"upload": up.id, "filename": up.filename, "sha256": up.sha256}
+    elif profile is not None:
+        found = inputs.newest_stage3(d, inputs.check_profile(profile))
+        if found is None:
+            raise NotFound(
+                f"there is no verified stage3 of profile {profile!r} in the cache;"
+                f" `agctl stage3 fetch {profile}` first"
+            )
+        tarball, record = found
+        filename = record["filename"]
+        source = {"profile": profile, "stage3": filename, "digest": record["digest"]}
+        up = None
     else:
         assert b.stage3 is not None
         filename = _stage3_name(b.stage3)
         tarball = d.config.stage3_dir / filename
         if not tarball.is_file():
-            raise NotFound(f"there is no stage3 {filename!r} in {d.config.stage3_dir}")
+            raise NotFound(
+                f"there is no stage3 {filename!r} in {d.config.stage3_dir}, nor a fetched"
+                " stage3 profile of that name (`agctl stage3 list`)"
+            )
         source = {"stage3": filename}
         up = None
     roots_mod.reserve(d, b.name, ctx.caller, group_gid, source)
