@@ -102,7 +102,7 @@ class Store:
             return None
         return art
 
-    def list(
+    def find(
         self, *, root: str | None = None, kind: str | None = None, limit: int = 100
     ) -> list[Artifact]:
         sql, args = "SELECT * FROM artifacts WHERE 1=1", list[Any]()

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from autogentoo.errors import AgError
 from autogentoo.names import check_name
 
 DEFAULT_CONFIG = Path("/etc/autogentoo/daemon.yaml")
@@ -381,7 +382,10 @@ def parse(data: Any, *, base: Config | None = None) -> Config:
     if "recipes" in d:
         recipes: dict[str, tuple[str, ...]] = {}
         for name, argv in _mapping(d["recipes"], "recipes").items():
-            check_name(name, f"recipes.{name}")
+            try:
+                check_name(name, "recipe name")
+            except AgError as e:
+                raise ConfigError(f"recipes.{name}: {e.message}") from None
             if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
                 raise ConfigError(f"recipes.{name}: expected a non-empty list of strings (an argv)")
             recipes[name] = tuple(argv)

@@ -67,7 +67,6 @@ from autogentoo.daemon import imagefs
 from autogentoo.daemon.imagefs import MIB, logged
 from autogentoo.daemon.run import run
 from autogentoo.errors import (
-    AgError,
     CommandFailed,
     InvalidArgument,
     NoSpace,
@@ -317,8 +316,6 @@ def image_properties(result: ImageResult) -> dict[str, Any]:
             # Booted through the firmware and a bootloader on both
             # hypervisors: a Xen host runs it as HVM (PVHVM drivers inside).
             "vm_mode": "hvm",
-            "hw_boot_modes": str(result.boot),  # informational: what the image carries
-            "os_command_line": result.cmdline,
         },
     }
 

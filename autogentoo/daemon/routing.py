@@ -10,12 +10,14 @@ routes accept.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import types
 import typing
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Union, get_args, get_origin
 
 from aiohttp import web
@@ -47,7 +49,7 @@ def doc_field(doc: str, *, default: Any = dataclasses.MISSING, check: Any = None
     if default is dataclasses.MISSING:
         return field(metadata=meta)
     if isinstance(default, list | dict):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+        return field(default_factory=partial(copy.copy, default), metadata=meta)
     return field(default=default, metadata=meta)
 
 

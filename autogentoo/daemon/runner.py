@@ -72,10 +72,10 @@ def job_spec(
 ) -> JobSpec:
     return JobSpec(
         root=str(daemon.storage.path(root.name)),
-        argv=list(argv),
+        argv=tuple(argv),
         env=job_env(env, term="xterm" if pty else None),
         cwd="/",
-        binds=cache_binds(daemon, root, sync_repos=sync_repos),
+        binds=tuple(cache_binds(daemon, root, sync_repos=sync_repos)),
         images=tuple(repo_images(daemon, sync_repos=sync_repos)),
         portage_tmpfs_size=daemon.config.jobs.portage_tmpfs_size,
         resolv_conf=_resolv_conf(),

@@ -100,7 +100,7 @@ async def errors_middleware(
 
 def caller_of(policy_of: Callable[[], Any]) -> Callable[[web.Request], Caller]:
     def get(request: web.Request) -> Caller:
-        cached = request.get(CALLER)
+        cached: Caller | None = request.get(CALLER)
         if cached is not None:
             return cached
         transport = request.transport

@@ -121,14 +121,16 @@ class Mirrors:
             return Fetched(url, size)
         with contextlib.suppress(FileNotFoundError):
             dest.unlink()
-        if down:
+        if not missing:
             raise Unavailable(
                 f"cannot fetch {rel}: no mirror could be reached ({'; '.join(down)})",
                 file=rel,
                 mirrors=list(self.mirrors),
             )
+        # A mirror that answers "no such file" is believed over ones that are down.
+        also = f"; unreachable: {'; '.join(down)}" if down else ""
         raise NotFound(
-            f"no mirror has {rel} (asked: {', '.join(missing)})", file=rel, mirrors=missing
+            f"no mirror has {rel} (asked: {', '.join(missing)}{also})", file=rel, mirrors=missing
         )
 
     # --- one mirror ------------------------------------------------------------

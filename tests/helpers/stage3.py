@@ -40,7 +40,10 @@ DIRS = (
 FILES = {
     "etc/os-release": 'NAME=Gentoo\nID=gentoo\nPRETTY_NAME="Gentoo Linux"\n',
     "etc/gentoo-release": "Gentoo Base System release 2.17\n",
-    "etc/passwd": "root:x:0:0:root:/root:/bin/sh\nportage:x:250:250:portage:/var/tmp/portage:/bin/false\n",
+    "etc/passwd": (
+        "root:x:0:0:root:/root:/bin/sh\n"
+        "portage:x:250:250:portage:/var/tmp/portage:/bin/false\n"
+    ),
     "etc/group": "root:x:0:root\ntty:x:5:\nportage:x:250:portage\n",
     "etc/portage/make.conf": 'COMMON_FLAGS="-O2 -pipe"\nCHOST="x86_64-pc-linux-gnu"\n',
     "etc/hostname": "stage3\n",

@@ -101,11 +101,6 @@ def test_bad_config_names_the_key(tmp_path: Path, text: str, names: list[str]) -
         assert name in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config.parse lets check_name's InvalidName escape instead of a ConfigError "
-    "naming the file: the daemon would crash with a traceback instead of exiting 78",
-)
 def test_bad_recipe_name_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as exc:
         _load(tmp_path, "recipes:\n  ../evil: [true]\n")

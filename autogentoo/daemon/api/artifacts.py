@@ -42,7 +42,7 @@ async def list_artifacts(ctx: Ctx) -> list[dict[str, Any]]:
     q: ArtifactsQuery = ctx.query
     if not 1 <= q.limit <= 1000:
         raise InvalidArgument("limit must be between 1 and 1000")
-    return [a.json() for a in d.artifacts.list(root=q.root, kind=q.kind, limit=q.limit)]
+    return [a.json() for a in d.artifacts.find(root=q.root, kind=q.kind, limit=q.limit)]
 
 
 @router.route("GET", V + "/{id}", role=Role.VIEWER, tag="artifacts", summary="Show an artefact")
