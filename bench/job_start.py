@@ -7,7 +7,11 @@ On one busybox root, median and p90 over N runs of:
       /dev with its nodes, devpts, shm, the portage tmpfs, a read-only and a
       read-write bind, resolv.conf, then chroot ROOT /bin/true
   (c) Spawner.spawn() of the same job (argv /bin/true) + wait(), from Python
-Prints the table and the ratio (c)/(b); no assertions. Target: (c) <= (b).
+  (d) `agctl run ROOT -- /bin/true` end to end: a new agctl process, the
+      request, the job in the daemon with all its mounts, the chroot, the
+      teardown and the exit code back (a real daemon, on a root imported from
+      the same tree)
+Prints the table and the ratios; no assertions. Targets: (c) <= (b), (d) under 50 ms.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from autogentoo.daemon.sandbox import Bind, JobSpec
 from autogentoo.daemon.spawner import Spawner
-from tests.helpers.stage3 import build_tree
+from tests.helpers.daemon import running_daemon
+from tests.helpers.stage3 import build_tree, make_tarball
 
 SCRIPT = """\
 set -e
@@ -146,6 +151,21 @@ def main() -> None:
             "(b) shell: unshare + mount + chroot": timed(shell, n),
             "(c) Spawner.spawn + wait": asyncio.run(spawner_runs(spec, n)),
         }
+        (base / "d" / "stage3").mkdir(parents=True)
+        make_tarball(root, base / "d" / "stage3" / "bench.tar", compression=None)
+        agctl = Path(sys.executable).with_name("agctl")
+        with running_daemon(base / "d") as d:
+            d.call("POST", "/roots", body={"name": "bench", "stage3": "bench.tar"})
+            while d.call("GET", "/roots/bench")["state"] != "ready":
+                time.sleep(0.05)
+
+            def end_to_end() -> None:
+                subprocess.run(
+                    [str(agctl), "--socket", str(d.socket), "run", "bench", "--", "/bin/true"],
+                    check=True,
+                )
+
+            rows["(d) agctl run ROOT -- /bin/true"] = timed(end_to_end, n)
         print(f"job start on a busybox root, N={n} ({os.cpu_count()} CPUs)")
         print(f"{'':40} {'median ms':>10} {'p90 ms':>10}")
         med = {}
@@ -155,6 +175,8 @@ def main() -> None:
             print(f"{name:40} {m:10.2f} {p90:10.2f}")
         print(f"ratio (c)/(b) = {med['(c)'] / med['(b)']:.2f}   (target <= 1)")
         print(f"ratio (c)/(a) = {med['(c)'] / med['(a)']:.2f}")
+        print(f"ratio (d)/(b) = {med['(d)'] / med['(b)']:.2f}   (end to end vs the shell script)")
+        print(f"(d) median {med['(d)']:.1f} ms   (target < 50 ms)")
     finally:
         left = subprocess.run(
             ["findmnt", "-rn", "-o", "TARGET"], capture_output=True, text=True

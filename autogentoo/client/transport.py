@@ -19,8 +19,7 @@ import os
 import socket
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from autogentoo.errors import AgError, Code, InvalidArgument
 
@@ -109,9 +108,12 @@ class LocalTransport:
         self.close()
 
 
-@dataclass(frozen=True)
-class SshTarget:
-    """What an ssh:// URL names; None where the user's ssh config decides."""
+class SshTarget(NamedTuple):
+    """What an ssh:// URL names; None where the user's ssh config decides.
+
+    A NamedTuple, not a dataclass: dataclasses imports inspect, which alone
+    costs a visible share of agctl's start-up.
+    """
 
     host: str
     user: str | None = None

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from autogentoo.daemon import faults
 from autogentoo.daemon.run import BASE_ENV, ENOSPC_MARKERS, run
 from autogentoo.errors import (
     CommandFailed,
@@ -625,6 +626,7 @@ async def _tar_extract(
     ]
     task = asyncio.ensure_future(run(argv, check=False, capture=False))
     try:
+        await faults.point("import.extracting")
         while True:
             done, _ = await asyncio.wait({task}, timeout=PROGRESS_INTERVAL)
             if done:

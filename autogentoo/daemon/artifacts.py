@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from autogentoo.daemon import faults
 from autogentoo.daemon import state as st
 from autogentoo.errors import InvalidArgument, NotFound
 
@@ -145,6 +146,7 @@ class Store:
         artifact_id = secrets.token_hex(8)
         final = self.base / artifact_id
         os.rename(staging, final)
+        faults.point_sync("artifact.renamed")
         size = (final / files[0]).stat().st_size
         full_meta = {**(meta or {}), "files": files}
         try:

@@ -22,6 +22,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from autogentoo.daemon import faults
 from autogentoo.daemon import state as st
 from autogentoo.daemon.joblog import JobLog
 from autogentoo.errors import AgError, Code, Conflict, NotFound
@@ -220,6 +221,7 @@ class JobManager:
         final: JobState
         error: AgError | None = None
         try:
+            await faults.point("job.running")
             await job.work(job.ctx)
             final = JobState.SUCCEEDED
         except asyncio.CancelledError:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autogentoo.daemon import packroot
+from autogentoo.daemon import faults, packroot
 from autogentoo.daemon.artifacts import Artifact, link_or_copy
 from autogentoo.daemon.packroot import Compression, Layer, PackOptions
 from autogentoo.errors import NotFound
@@ -103,6 +103,7 @@ async def pack_root(
     plan = await asyncio.to_thread(
         packroot.plan, layers, opts, cache=daemon.scan_cache, tokens=tokens
     )
+    await faults.point("pack.planned")
     for w in plan.warnings:
         job.log.line(f"warning: {w}")
     fingerprint = plan.layered_fingerprint if req.layered else plan.fingerprint
@@ -148,6 +149,7 @@ async def pack_root(
             warnings=list(plan.warnings),
             layers=[x.name for x in layers],
         )
+        await faults.point("pack.before_register")
         art = daemon.artifacts.add(
             staging,
             [name],

@@ -65,6 +65,7 @@ from enum import StrEnum
 from fnmatch import translate
 from pathlib import Path
 
+from autogentoo.daemon import faults
 from autogentoo.daemon.cpio import DataChanged, NewcWriter
 from autogentoo.daemon.run import BASE_ENV, ENOSPC_MARKERS, describe_status
 from autogentoo.errors import (
@@ -990,6 +991,7 @@ def pack_layers(
         else:
             r = pack_member(k, p.layers, p.opts, cache_dir / f"{fp}.cpio{suffix}", plan_=p)
             _remember(cache_dir, r)
+            faults.point_sync("pack.member_written")
             members.append(r)
     if not concatenate:
         return LayeredResult(

@@ -177,10 +177,11 @@ async def recover(daemon: Daemon) -> None:
 async def import_stage3(
     daemon: Daemon, ctx: JobContext, name: str, tarball: Path, digests: str | None, filename: str
 ) -> None:
-    from autogentoo.daemon import archive
+    from autogentoo.daemon import archive, faults
     from autogentoo.daemon import digests as digests_mod
 
     try:
+        await faults.point("import.reserved")
         if digests is not None:
             ctx.log.line(f"checking {filename} against the given digests")
             matched = await digests_mod.verify(tarball, digests, filename=filename)
@@ -200,6 +201,7 @@ async def import_stage3(
             tarball, dest, max_bytes=daemon.config.limits.max_root_bytes, on_progress=progress
         )
         ctx.result["stats"] = _plain(stats)
+        await faults.point("import.extracted")
     except BaseException:
         ctx.log.line("import failed; removing the partial root")
         await daemon.storage.destroy(name)

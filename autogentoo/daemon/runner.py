@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from autogentoo.daemon import faults
 from autogentoo.daemon.sandbox import Bind, ImageMount, JobSpec, job_env
 
 if TYPE_CHECKING:
@@ -114,6 +115,7 @@ async def run_spec(daemon: Daemon, ctx: JobContext, spec: JobSpec) -> int:
         os.close(devnull)
     pump = asyncio.get_running_loop().create_task(_pump(rfd, ctx))
     try:
+        await faults.point("job.spawned")
         rc = await proc.wait()
     except asyncio.CancelledError:
         await proc.kill()

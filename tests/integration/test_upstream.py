@@ -107,7 +107,7 @@ def _cache_files(w: World) -> set[str]:
 
 
 def _fetch_stage3(w: World, profile: str) -> dict[str, Any]:
-    return _wait(w.daemon, w.d.call("POST", "/stage3/fetch", body={"profile": profile}))
+    return _wait(w.d, w.d.call("POST", "/stage3/fetch", body={"profile": profile}))
 
 
 # --- stage3 -----------------------------------------------------------------------
@@ -216,7 +216,10 @@ def _make_root(d: DaemonProc, name: str, stage3: Path) -> None:
 
 
 def _run(d: DaemonProc, root: str, script: str) -> dict[str, Any]:
-    return d.call("POST", f"/roots/{root}/run", body={"argv": ["/bin/sh", "-c", script]})
+    job: dict[str, Any] = d.call(
+        "POST", f"/roots/{root}/run", body={"argv": ["/bin/sh", "-c", script]}
+    )
+    return job
 
 
 # Each job marks itself in the shared distfiles, then waits for the other:
