@@ -31,6 +31,7 @@ class Code(StrEnum):
     UNSAFE_ARCHIVE = "unsafe_archive"
     UNSAFE_PATH = "unsafe_path"
     DIGEST_MISMATCH = "digest_mismatch"
+    BAD_SIGNATURE = "bad_signature"
     NO_SPACE = "no_space"
     BACKEND_UNAVAILABLE = "backend_unavailable"
     MOUNT_BUSY = "mount_busy"
@@ -58,6 +59,7 @@ HTTP_STATUS: dict[Code, int] = {
     Code.UNSAFE_ARCHIVE: 422,
     Code.UNSAFE_PATH: 422,
     Code.DIGEST_MISMATCH: 422,
+    Code.BAD_SIGNATURE: 422,
     Code.NO_SPACE: 507,
     Code.BACKEND_UNAVAILABLE: 503,
     Code.MOUNT_BUSY: 409,
@@ -89,6 +91,7 @@ EXIT_CODES: dict[Code, int] = {
     Code.UNSAFE_ARCHIVE: 6,
     Code.UNSAFE_PATH: 6,
     Code.DIGEST_MISMATCH: 6,
+    Code.BAD_SIGNATURE: 6,
     Code.TOO_LARGE: 6,
     Code.KCONFIG_DROPPED: 6,
     Code.JOB_FAILED: 1,

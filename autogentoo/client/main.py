@@ -522,6 +522,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("delete", cmd_artifact_delete, "delete an artefact", asub)
     sp.add_argument("id", type=_artifact_id)
 
+    # stage3 / repo / kernel fetch: upstream_cmds imports this module, so late.
+    from autogentoo.client.upstream_cmds import register
+
+    register(sub, common)
+
     sp = add("shell", cmd_shell, "an interactive shell in a root (admins)")
     sp.add_argument("root", type=_name)
     sp = add("jobs", cmd_jobs, "list jobs, newest first")

@@ -24,18 +24,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autogentoo.daemon.run import run
-from autogentoo.errors import DigestMismatch, Unavailable
+from autogentoo.errors import AgError, Code, Unavailable
 
 _GPG = ("gpg", "--batch", "--no-tty", "--no-autostart", "--no-options", "--quiet")
 
 
-class SignatureError(DigestMismatch):
+class SignatureError(AgError):
     """The signature is bad, missing, or not made by a trusted key.
 
-    Shares the digest_mismatch code (a refused input, exit 6);
-    details.reason says which: bad_signature, untrusted_signer,
-    expired_key, revoked_key, expired_signature, no_signature.
+    Code bad_signature (a refused input, exit 6); details.reason says which:
+    bad_signature, untrusted_signer, expired_key, revoked_key,
+    expired_signature, no_signature.
     """
+
+    code = Code.BAD_SIGNATURE
 
 
 @dataclass(frozen=True)

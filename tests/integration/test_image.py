@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 
 from autogentoo.daemon import image
-from autogentoo.daemon.image import ESP_TYPE, GPTMBR, MIB, ROOT_X86_64_TYPE
+from autogentoo.daemon.image import ESP_TYPE, GPTMBR, ROOT_X86_64_TYPE
+from autogentoo.daemon.imagefs import MIB
 from autogentoo.errors import InvalidArgument, NoSpace, NotFound, TooLarge
 from tests.helpers.stage3 import build_tree
 

@@ -142,8 +142,8 @@ def test_good_stage3_is_fetched_verified_recorded_and_used(world: World) -> None
 @pytest.mark.parametrize(
     ("profile", "code", "reason"),
     [
-        ("amd64-badsig", "digest_mismatch", "bad signature"),
-        ("amd64-otherkey", "digest_mismatch", "not in the trusted keyring"),
+        ("amd64-badsig", "bad_signature", "bad signature"),
+        ("amd64-otherkey", "bad_signature", "not in the trusted keyring"),
         ("amd64-mismatch", "digest_mismatch", "sha512 digest mismatch"),
         ("amd64-nosuch", "not_found", "knows no stage3 profile"),
     ],
