@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import signal
 import stat
 import subprocess
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import IO
 
 from autogentoo.daemon import faults
+from autogentoo.daemon.mounts import mounts_under
 from autogentoo.daemon.run import BASE_ENV, ENOSPC_MARKERS, run
 from autogentoo.errors import (
     CommandFailed,
@@ -671,7 +671,7 @@ async def remove_tree(path: Path) -> None:
         return
     # --one-file-system only compares st_dev, so it walks straight into a bind
     # mount of the same filesystem: refuse while anything is mounted below.
-    mounted = mounts_under(path)
+    mounted = [m.mount_point for m in mounts_under(str(path), include_root=True)]
     if mounted:
         raise MountBusy(
             f"cannot remove {path}: still mounted inside it: {', '.join(mounted)}",
@@ -691,20 +691,3 @@ async def remove_tree(path: Path) -> None:
         raise CommandFailed(
             f"rm -r {path} failed: {err}", command="rm", returncode=result.returncode
         )
-
-
-def _unescape_mountinfo(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def mounts_under(path: Path) -> list[str]:
-    """Mount points at or below path in this mount namespace, deepest first."""
-    prefix = str(path).rstrip("/")
-    found = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            point = _unescape_mountinfo(line.split(" ", 5)[4])
-            if point == prefix or point.startswith(prefix + "/"):
-                found.append(point)
-    return sorted(set(found), key=lambda p: (-p.count("/"), p))

@@ -113,7 +113,8 @@ def parse_digests(text: str) -> dict[str, dict[str, str]]:
     return result
 
 
-def _lookup(digests: dict[str, dict[str, str]], filename: str) -> dict[str, str]:
+def lookup(digests: dict[str, dict[str, str]], filename: str) -> dict[str, str]:
+    """The digests listed for filename (exact name, else a unique basename match)."""
     if filename in digests:
         return digests[filename]
     # tolerate a digests file that names the file with a directory part
@@ -125,6 +126,8 @@ def _lookup(digests: dict[str, dict[str, str]], filename: str) -> dict[str, str]
     raise InvalidArgument(
         f"the digests file does not list {filename} (it lists {listed})", filename=filename
     )
+
+
 
 
 def _hash_file(path: Path, algorithms: list[str]) -> dict[str, str]:
@@ -147,7 +150,7 @@ async def verify(path: Path, digests_text: str, *, filename: str) -> str:
     Raises DigestMismatch (naming the file, algorithm, expected and actual
     digest) or InvalidArgument when filename is not listed with a strong digest.
     """
-    listed = _lookup(parse_digests(digests_text), filename)
+    listed = lookup(parse_digests(digests_text), filename)
     strong = {a: h for a, h in listed.items() if a in STRONG}
     if not strong:
         weak = ", ".join(sorted(listed)) or "none"

@@ -365,6 +365,15 @@ async def _digests(path: Path) -> tuple[str, str]:
     return sha256, md5
 
 
+def _sectors_per_cluster(boot_size: int) -> int:
+    """The largest cluster (up to 4 KiB) that keeps FAT32 above 65525 clusters."""
+    spc = 8
+    # 2% of the partition is more than two FATs and the reserved sectors take.
+    while spc > 1 and boot_size * 0.98 / (spc * SECTOR) < 65600:
+        spc //= 2
+    return spc
+
+
 async def _fill_boot(
     disk: Path, layout: Layout, kernel: Path, cmdline: str, boot: BootMode, work: Path, log: LogFn
 ) -> None:
@@ -381,6 +390,11 @@ async def _fill_boot(
             # sector needs it to find ldlinux.sys on the disk.
             "-h",
             str(layout.boot_start // SECTOR),
+            # Cluster size from the partition, not the disk: mkfs.fat sizes
+            # clusters by the whole file and can leave FAT32 under its
+            # 65525-cluster minimum, which mtools then cannot use.
+            "-s",
+            str(_sectors_per_cluster(layout.boot_size)),
             "-i",
             layout.boot_serial,
             "-n",

@@ -246,7 +246,12 @@ async def replace_file(
         raise ValueError(f"unsupported in-image path {path!r}")
     dev = device(image, offset)
     exists = await run(["debugfs", "-R", f"stat {path}", dev], check=False)
-    script = [f"cd {parent or '/'}"]
+    script = []
+    if parent:
+        has_parent = await run(["debugfs", "-R", f"stat {parent}", dev], check=False)
+        if b"Inode:" not in has_parent.stdout:
+            script.append(f"mkdir {parent}")  # a root without /etc, say
+    script.append(f"cd {parent or '/'}")
     if exists.returncode == 0 and b"Inode:" in exists.stdout:
         script.append(f"rm {name}")
     script += [

@@ -252,7 +252,7 @@ async def fetch_stage3(daemon: Daemon, ctx: JobContext, profile: str) -> None:
                 tmp / "DIGESTS", up.keyring, tmp_dir=cfg.tmp_dir
             )
             digests_text = signed.text.decode("utf-8", "replace")
-            listed = digests._lookup(digests.parse_digests(digests_text), entry.filename)
+            listed = digests.lookup(digests.parse_digests(digests_text), entry.filename)
             log(f"{entry.filename}.DIGESTS signed by {signed.fingerprint}")
             known = listed.get("sha512")
             if known is not None:
@@ -517,7 +517,7 @@ async def fetch_kernel(daemon: Daemon, ctx: JobContext, version: str) -> None:
                 keyring_key="upstream.kernel_keyring",
             )
             sums = signed.text.decode("utf-8", "replace")
-            digests._lookup(digests.parse_digests(sums), filename)  # listed, before downloading
+            digests.lookup(digests.parse_digests(sums), filename)  # listed, before downloading
             log(f"{series}/sha256sums.asc signed by {signed.fingerprint}")
             tarball = tmp / filename
             got = await mirrors.fetch(

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 CHUNK = 64 * 1024
+
+log = logging.getLogger(__name__)
 
 
 class JobLog:
@@ -22,16 +26,28 @@ class JobLog:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
         self.size = os.fstat(self._fd).st_size
         self.closed = False
+        # Bytes that could not be written because the disk was full. A full
+        # disk must not take the daemon's bookkeeping down with the log: the
+        # job still ends, releases its root and is recorded (as failed with
+        # no_space, see JobManager), and the daemon keeps serving.
+        self.lost = 0
         self._more = asyncio.Event()
 
     def write(self, data: bytes) -> None:
         if self.closed or not data:
             return
         view = memoryview(data)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
-        self.size += len(data)
+        try:
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+                self.size += n
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            if not self.lost:
+                log.error("no space left for job log %s; dropping its output", self.path)
+            self.lost += len(view)
         self._wake()
 
     def line(self, text: str) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -25,7 +26,7 @@ from typing import Any
 from autogentoo.daemon import faults
 from autogentoo.daemon import state as st
 from autogentoo.daemon.joblog import JobLog
-from autogentoo.errors import AgError, Code, Conflict, NotFound
+from autogentoo.errors import AgError, Code, Conflict, NoSpace, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +238,14 @@ class JobManager:
             log.exception("job %d crashed", job.id, extra=extra)
             final = JobState.FAILED
             error = AgError(f"internal error: {type(e).__name__}: {e}", code=Code.INTERNAL)
+        if job.ctx.log.lost and final in (JobState.SUCCEEDED, JobState.FAILED):
+            # Its output is incomplete: the job cannot count as done, and the
+            # cause to report is the disk, whatever the work said after it.
+            final = JobState.FAILED
+            error = NoSpace(
+                f"no space left for the job's log in {self.logs_dir};"
+                f" {job.ctx.log.lost} bytes of output were lost"
+            )
         # A command's own non-zero exit is in the job's state and returncode;
         # a trailer line would land in `agctl run`'s output as if the command
         # had printed it.
@@ -249,12 +258,30 @@ class JobManager:
                 self._generations[job.root] = self._generations.get(job.root, 0) + 1
         self._running -= 1
         job.state = final
-        self._finish_row(job, final, job.ctx.result.get("returncode"), error)
+        self._record_end(job, final, job.ctx.result.get("returncode"), error)
         job.done.set()
         self.live.pop(job.id, None)
         log.info("job %d %s", job.id, final, extra=extra)
         if not self._stopping:
             self._schedule()
+
+    def _record_end(
+        self, job: LiveJob, final: JobState, returncode: Any, error: AgError | None
+    ) -> None:
+        """Record the job's end; on a full disk, retry until there is room again.
+
+        The job has ended either way (its root released, waiters woken); only
+        its row lags. If the daemon stops first, the next start marks it
+        interrupted.
+        """
+        try:
+            self._finish_row(job, final, returncode, error)
+        except (sqlite3.Error, NoSpace) as e:
+            log.error("cannot record the end of job %d (%s); retrying", job.id, e)
+            if not self._stopping:
+                asyncio.get_running_loop().call_later(
+                    5, self._record_end, job, final, returncode, error
+                )
 
     def _finish_row(
         self, job: LiveJob, final: JobState, returncode: Any, error: AgError | None

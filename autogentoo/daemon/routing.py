@@ -202,7 +202,8 @@ class Ctx:
 
     def int_param(self, key: str, what: str) -> int:
         raw = self.request.match_info[key]
-        if not raw.isdigit() or len(raw) > 18:
+        # isdigit() alone accepts "¹" and other digits int() refuses.
+        if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
             raise InvalidArgument(f"{what} must be a number, not {raw[:40]!r}", field=what)
         return int(raw)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import functools
 import logging
 import os
 import shlex
@@ -31,6 +33,21 @@ BASE_ENV: Mapping[str, str] = {
 }
 
 ENOSPC_MARKERS = ("No space left on device", "Disk quota exceeded")
+
+_PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+
+def _die_with(parent: int) -> None:
+    """In the child, before exec: be killed when the daemon dies.
+
+    A daemon killed mid-import must not leave tar writing into a root that the
+    next daemon is removing. Only a foreign call and a getppid: nothing that
+    could need a lock another thread held at fork time.
+    """
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the daemon died before the prctl
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -93,6 +110,9 @@ async def run(
         env=_env(env),
         cwd=cwd,
         start_new_session=True,
+        # run() is called on the event loop's thread, which lives as long as
+        # the daemon (the death signal follows the thread that forked).
+        preexec_fn=functools.partial(_die_with, os.getpid()),
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(input), timeout)

@@ -67,6 +67,9 @@ class Daemon:
     async def start(self) -> None:
         from autogentoo.daemon import uploads
 
+        from autogentoo.daemon.pathsafe import check_openat2
+
+        check_openat2()
         await self.storage.probe()
         self.jobs.recover()
         _clear_dir(self.config.tmp_dir)

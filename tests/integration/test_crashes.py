@@ -15,7 +15,6 @@ import hashlib
 import os
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -280,8 +279,11 @@ def test_sigkill_at_point_then_restart(
             # Stop tar mid-write: only the daemon's death may end it now, so a
             # tar that outlives the daemon (and writes into the half root while
             # the next daemon removes it) fails the test whatever the timing.
-            tars = [pid for pid, _ in procs if _comm(pid) == "tar"]
-            assert tars, alive(procs)
+            deadline = time.monotonic() + 30
+            while not (tars := [pid for pid, _ in procs if _comm(pid) == "tar"]):
+                assert time.monotonic() < deadline, alive(procs)
+                time.sleep(0.01)
+                procs = descendants(d.proc.pid)
             for pid in tars:
                 os.kill(pid, signal.SIGSTOP)
         d.stop(signal.SIGKILL)

@@ -350,3 +350,35 @@ async def test_no_space_converting_to_qcow2(root: Path, kernel: Path, small_fs: 
         )
     assert "qemu-img convert" in exc.value.message
     assert list(small_fs.iterdir()) == [small_fs / "lost+found"]
+
+
+async def test_root_without_etc(tmp_path: Path, kernel: Path, out: Path) -> None:
+    bare = tmp_path / "bare"
+    (bare / "bin").mkdir(parents=True)
+    (bare / "bin/true").write_bytes(b"\x7fELF")
+    res = await image.build_image(bare, kernel, out / "g.img", size=SIZE, log=Log())
+    rootp = partitions(out / "g.img")["partitions"][1]
+    assert f"UUID={res.root_fs_uuid}" in ext4_cat(out / "g.img", rootp["start"] * 512, "/etc/fstab")
+    assert not (bare / "etc").exists()
+
+
+@pytest.mark.parametrize(("size_mib", "boot_mib"), [(2048, 64), (512, 33), (512, 300)])
+async def test_boot_partition_sizes(
+    root: Path, kernel: Path, out: Path, size_mib: int, boot_mib: int
+) -> None:
+    # mkfs.fat sizes FAT clusters by the whole (sparse) file unless told:
+    # on a 2 GiB disk it left a 64 MiB FAT32 too few clusters for mtools.
+    res = await image.build_image(
+        root,
+        kernel,
+        out / "g.img",
+        size=size_mib * MIB,
+        boot="both",
+        boot_size=boot_mib * MIB,
+        log=Log(),
+    )
+    img = out / "g.img"
+    boot = partitions(img)["partitions"][0]
+    assert boot["size"] * 512 == boot_mib * MIB
+    assert "root=PARTUUID" in fat_cat(img, boot["start"] * 512, "/loader/entries/gentoo.conf")
+    assert res.allocated_bytes < 32 * MIB
