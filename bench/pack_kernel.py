@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -104,6 +105,8 @@ async def main(jobs: int) -> None:
 
 
 if __name__ == "__main__":
+    # `timeout` sends SIGTERM: turn it into SystemExit so the finally cleans up.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     asyncio.run(main(ap.parse_args().jobs))

@@ -41,6 +41,8 @@ PACKAGES=(
     squashfs-tools    # squashfs artefacts
     extlinux          # bootloader for raw/qcow2 images
     syslinux-common   # MBR and modules for extlinux
+    syslinux          # installs the BIOS loader on an image's FAT partition without a mount
+    systemd-boot-efi  # the UEFI loader (BOOTX64.EFI) of images
     mtools            # writing an EFI system partition without mounting it
     dosfstools        # mkfs.vfat for the ESP
     fdisk             # sfdisk: partition tables

@@ -281,6 +281,10 @@ def run_artifact_job(args: argparse.Namespace, c: Client, job: dict[str, Any]) -
         return rc
     if args.output:
         download(args, c, art, args.output)
+        info = c.call("GET", f"/artifacts/{art}")
+        if "glance.json" in info["files"]:
+            # An image's properties for the image service travel with it.
+            download(args, c, art, f"{args.output}.json", "glance.json")
     elif not args.json:
         print(f"artefact {art} (agctl artifacts get {art} -o FILE)")
     return 0
@@ -320,6 +324,87 @@ def cmd_artifact_delete(args: argparse.Namespace, c: Client) -> int:
     return _out(
         args, c.call("DELETE", f"/artifacts/{args.id}"), lambda r: print(f"deleted {r['deleted']}")
     )
+
+
+def cmd_kernel_add(args: argparse.Namespace, c: Client) -> int:
+    body: dict[str, Any] = {"name": args.name}
+    if os.sep in args.source or os.path.isfile(args.source):
+        body["upload"] = _upload(args, c, args.source)["id"]
+    else:
+        body["source"] = args.source
+    res = c.call("POST", "/kernels", body=body)
+    if "kernel" in res:
+        return _out(args, res["kernel"], output.fields)
+    return wait_job(args, c, res)
+
+
+def cmd_kernel_list(args: argparse.Namespace, c: Client) -> int:
+    return _out(
+        args,
+        c.call("GET", "/kernels"),
+        lambda r: output.table(r, ["name", "version", "path", "source"]),
+    )
+
+
+def cmd_kernel_delete(args: argparse.Namespace, c: Client) -> int:
+    return _out(
+        args, c.call("DELETE", f"/kernels/{args.name}"), lambda r: print(f"deleted {r['deleted']}")
+    )
+
+
+def cmd_pack_kernel(args: argparse.Namespace, c: Client) -> int:
+    body: dict[str, Any] = {"kernel": args.kernel, "compress": args.compress}
+    # A file here is uploaded; anything else names a make target or a config
+    # the daemon has: the daemon never reads a path we give it.
+    if os.sep not in args.config and not os.path.isfile(args.config):
+        body["config"] = args.config
+    else:
+        body["config_upload"] = _upload(args, c, args.config)["id"]
+    names, uploads = [], []
+    for frag in args.fragment or []:
+        if os.sep in frag or os.path.isfile(frag):
+            uploads.append(_upload(args, c, frag)["id"])
+        else:
+            names.append(frag)
+    body["fragments"] = names
+    body["fragment_uploads"] = uploads
+    for key in ("hardware", "secret_sauce", "jobs"):
+        if getattr(args, key) is not None:
+            body[key] = getattr(args, key)
+    return run_artifact_job(args, c, c.call("POST", f"/roots/{args.root}/pack-kernel", body=body))
+
+
+def cmd_image(args: argparse.Namespace, c: Client) -> int:
+    body: dict[str, Any] = {
+        "kernel": args.kernel,
+        "size": args.size,
+        "format": args.format,
+        "boot": args.boot,
+        "fs": args.fs,
+    }
+    if args.config:
+        body["config"] = args.config
+    if args.fragment:
+        body["fragments"] = args.fragment
+    if args.cmdline:
+        body["cmdline"] = args.cmdline
+    if args.jobs:
+        body["jobs"] = args.jobs
+    return run_artifact_job(args, c, c.call("POST", f"/roots/{args.root}/image", body=body))
+
+
+def cmd_boot_test(args: argparse.Namespace, c: Client) -> int:
+    body: dict[str, Any] = {"expect": args.expect, "timeout": args.timeout}
+    if args.append is not None:
+        body["append"] = args.append
+    job = c.call("POST", f"/artifacts/{args.id}/boot-test", body=body)
+    rc = wait_job(args, c, job)
+    if not args.detach and not args.json:
+        final = c.call("GET", f"/jobs/{job['id']}")
+        res = final.get("result") or {}
+        if "console" in res:
+            print(f"console log: artefact {res['console']}", file=sys.stderr)
+    return rc
 
 
 def cmd_shell(args: argparse.Namespace, c: Client) -> int:
@@ -525,7 +610,70 @@ def build_parser() -> argparse.ArgumentParser:
     # stage3 / repo / kernel fetch: upstream_cmds imports this module, so late.
     from autogentoo.client.upstream_cmds import register
 
-    register(sub, common)
+    kernel_sub = register(sub, common)["kernel"]
+    sp = add("add", cmd_kernel_add, "register a kernel source for pack-kernel", kernel_sub)
+    sp.add_argument("name", type=_name)
+    sp.add_argument(
+        "--source",
+        required=True,
+        help="a tarball to upload, or a directory or tarball name in the daemon's"
+        " kernel source directory (e.g. linux-source-6.1)",
+    )
+    _detach(sp)
+    add("list", cmd_kernel_list, "list the kernel sources", kernel_sub)
+    sp = add("delete", cmd_kernel_delete, "forget a kernel source (admins)", kernel_sub)
+    sp.add_argument("name", type=_name)
+    add("kernels", cmd_kernel_list, "list the kernel sources (agctl kernel list)")
+
+    sp = add("pack-kernel", cmd_pack_kernel, "build a kernel with the packed root inside")
+    sp.add_argument("root", type=_name)
+    sp.add_argument("--kernel", required=True, type=_name, help="a kernel source name")
+    sp.add_argument(
+        "--config",
+        default="defconfig",
+        help="base: a make target (defconfig, tinyconfig...), a NAME from"
+        " config/kernel/NAME.config, or a .config file to upload",
+    )
+    sp.add_argument(
+        "--fragment",
+        action="append",
+        metavar="F",
+        help="a .kconfig fragment: a NAME from config/kernel/ or a file to upload;"
+        " repeat, in order",
+    )
+    sp.add_argument("--hardware", type=_name)
+    sp.add_argument("--secret-sauce", type=_name, dest="secret_sauce")
+    sp.add_argument("--compress", default="gzip", choices=["gzip", "zstd", "xz", "lz4", "none"])
+    sp.add_argument("-j", "--jobs", type=int)
+    sp.add_argument("-o", "--output", help="write the bzImage here")
+    _detach(sp)
+
+    sp = add("image", cmd_image, "a bootable raw/qcow2 disk image of a root, for OpenStack")
+    sp.add_argument("root", type=_name)
+    sp.add_argument("--kernel", required=True, type=_name, help="a kernel source name")
+    sp.add_argument("--config", help="base config (default tinyconfig)")
+    sp.add_argument(
+        "--fragment",
+        action="append",
+        metavar="NAME",
+        help="config/kernel fragments (default: tiny-boot serial-console xen-guest"
+        " image-boot; kvm-guest wants a defconfig base: it asks for modules)",
+    )
+    sp.add_argument("--size", default="4G")
+    sp.add_argument("--format", default="raw", choices=["raw", "qcow2"])
+    sp.add_argument("--boot", default="both", choices=["bios", "uefi", "both"])
+    sp.add_argument("--fs", default="ext4", choices=["ext4"])
+    sp.add_argument("--cmdline", help="extra kernel command line")
+    sp.add_argument("-j", "--jobs", type=int)
+    sp.add_argument("-o", "--output", help="write the image here (and its glance.json beside)")
+    _detach(sp)
+
+    sp = add("boot-test", cmd_boot_test, "boot a kernel or image artefact in QEMU")
+    sp.add_argument("id", type=_artifact_id, metavar="ARTEFACT")
+    sp.add_argument("--expect", required=True, help="the console line that means success")
+    sp.add_argument("--timeout", type=float, default=300.0)
+    sp.add_argument("--append", help="kernel command line (kernels only)")
+    _detach(sp)
 
     sp = add("shell", cmd_shell, "an interactive shell in a root (admins)")
     sp.add_argument("root", type=_name)

@@ -59,12 +59,12 @@ def cmd_kernel_fetch(args: argparse.Namespace, c: Client) -> int:
 def cmd_kernel_list(args: argparse.Namespace, c: Client) -> int:
     return _out(
         args,
-        c.call("GET", "/kernels"),
+        c.call("GET", "/kernels/fetched"),
         lambda rows: output.table(rows, ["version", "filename", "signer", "fetched"]),
     )
 
 
-def register(sub: Any, common: argparse.ArgumentParser) -> None:
+def register(sub: Any, common: argparse.ArgumentParser) -> dict[str, Any]:
     """Add the stage3, repo and kernel commands to agctl's subparsers."""
 
     def add(name: str, fn: Handler, help: str, parent: Any) -> argparse.ArgumentParser:
@@ -91,9 +91,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     sp = add("delete", cmd_repo_delete, "delete a snapshot not in use (admin)", s)
     sp.add_argument("name", type=_name)
 
-    p = sub.add_parser("kernel", help="kernel sources from kernel.org-shaped mirrors")
+    p = sub.add_parser("kernel", help="kernel sources: add, list, fetch from mirrors, delete")
     s = p.add_subparsers(dest="kernel_command", metavar="ACTION", required=True)
-    sp = add("fetch", cmd_kernel_fetch, "fetch, verify and unpack a kernel release", s)
+    sp = add("fetch", cmd_kernel_fetch, "fetch, verify, unpack and add a kernel release", s)
     sp.add_argument("version", help="6.1, 6.6.30, ...")
     _detach(sp)
-    add("list", cmd_kernel_list, "list the kernel sources fetched", s)
+    add("fetched", cmd_kernel_list, "list the kernel releases fetched, with their signers", s)
+    return {"kernel": s}

@@ -71,6 +71,9 @@ class CacheConfig:
     distfiles: Path
     binpkgs: Path
     repos: Path
+    # Out-of-tree kernel build directories, one per (source, config), kept
+    # so that a changed root only relinks the kernel.
+    kernel_builds: Path = Path("/var/cache/autogentoo/kernel-builds")
 
 
 @dataclass(frozen=True)
@@ -315,7 +318,7 @@ def parse(data: Any, *, base: Config | None = None) -> Config:
 
     if "caches" in d:
         c = _mapping(d["caches"], "caches")
-        _reject_unknown(c, {"distfiles", "binpkgs", "repos"}, "caches")
+        _reject_unknown(c, {"distfiles", "binpkgs", "repos", "kernel_builds"}, "caches")
         cur = cfg.caches
         kw["caches"] = CacheConfig(
             distfiles=_path(c["distfiles"], "caches.distfiles")
@@ -323,6 +326,9 @@ def parse(data: Any, *, base: Config | None = None) -> Config:
             else cur.distfiles,
             binpkgs=_path(c["binpkgs"], "caches.binpkgs") if "binpkgs" in c else cur.binpkgs,
             repos=_path(c["repos"], "caches.repos") if "repos" in c else cur.repos,
+            kernel_builds=_path(c["kernel_builds"], "caches.kernel_builds")
+            if "kernel_builds" in c
+            else cur.kernel_builds,
         )
 
     if "jobs" in d:

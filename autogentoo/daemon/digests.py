@@ -128,8 +128,6 @@ def lookup(digests: dict[str, dict[str, str]], filename: str) -> dict[str, str]:
     )
 
 
-
-
 def _hash_file(path: Path, algorithms: list[str]) -> dict[str, str]:
     # hashlib releases the GIL on large updates, so several hashers over one
     # read run alongside the event loop.

@@ -526,12 +526,29 @@ async def fetch_kernel(daemon: Daemon, ctx: JobContext, version: str) -> None:
         digest = await digests.verify(tarball, sums, filename=filename)
         log(f"digest ok: {digest}")
         if not dest_tree.exists():
-            await _unpack_kernel(daemon, ctx, tarball, dest_tree)
+            await unpack_kernel(daemon, ctx, tarball, dest_tree)
         _install(tarball, store.kernel_tarball(filename))
         daemon.state.execute(
             "INSERT OR REPLACE INTO kernel_sources"
             " (version, digest, filename, url, signer, size, fetched) VALUES (?,?,?,?,?,?,?)",
             (version, digest, filename, got.url, signed.fingerprint, got.size, st.now()),
+        )
+    # Ready for pack-kernel under the release's name.
+    from autogentoo.daemon import kernels
+
+    with contextlib.suppress(AlreadyExists):
+        kernels.register(
+            daemon,
+            f"linux-{version}",
+            dest_tree,
+            owned=False,
+            owner_uid=0,
+            source={
+                "fetched": version,
+                "digest": digest,
+                "signer": signed.fingerprint,
+                "url": got.url,
+            },
         )
     ctx.result.update(
         {
@@ -544,7 +561,7 @@ async def fetch_kernel(daemon: Daemon, ctx: JobContext, version: str) -> None:
     )
 
 
-async def _unpack_kernel(daemon: Daemon, ctx: JobContext, tarball: Path, dest: Path) -> None:
+async def unpack_kernel(daemon: Daemon, ctx: JobContext, tarball: Path, dest: Path) -> None:
     """Unpack next to dest, then rename into place: a half tree never has the final name."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.parent / f".{dest.name}.partial-{ctx.id}"

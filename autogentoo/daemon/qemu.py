@@ -147,7 +147,9 @@ def qemu_argv(
             argv += ["-initrd", str(initrd)]
     if image is not None:
         fmt = "qcow2" if image.suffix == ".qcow2" else "raw"
-        argv += ["-drive", f"file={image},if=virtio,format={fmt}"]
+        # snapshot=on: the guest's writes go to a temporary overlay, so a
+        # boot test never changes the image artefact it boots.
+        argv += ["-drive", f"file={image},if=virtio,format={fmt},snapshot=on"]
     return argv
 
 

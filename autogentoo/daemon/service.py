@@ -66,7 +66,6 @@ class Daemon:
 
     async def start(self) -> None:
         from autogentoo.daemon import uploads
-
         from autogentoo.daemon.pathsafe import check_openat2
 
         check_openat2()

@@ -104,6 +104,17 @@ MIGRATIONS: Sequence[str] = (
         fetched     REAL NOT NULL
     );
     """,
+    # 3: kernel sources registered for pack-kernel
+    """
+    CREATE TABLE kernels (
+        name        TEXT PRIMARY KEY,
+        path        TEXT NOT NULL,
+        owned       INTEGER NOT NULL,
+        owner_uid   INTEGER NOT NULL,
+        created     REAL NOT NULL,
+        source      TEXT NOT NULL DEFAULT '{}'
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -41,8 +41,7 @@ FILES = {
     "etc/os-release": 'NAME=Gentoo\nID=gentoo\nPRETTY_NAME="Gentoo Linux"\n',
     "etc/gentoo-release": "Gentoo Base System release 2.17\n",
     "etc/passwd": (
-        "root:x:0:0:root:/root:/bin/sh\n"
-        "portage:x:250:250:portage:/var/tmp/portage:/bin/false\n"
+        "root:x:0:0:root:/root:/bin/sh\nportage:x:250:250:portage:/var/tmp/portage:/bin/false\n"
     ),
     "etc/group": "root:x:0:root\ntty:x:5:\nportage:x:250:portage\n",
     "etc/portage/make.conf": 'COMMON_FLAGS="-O2 -pipe"\nCHOST="x86_64-pc-linux-gnu"\n',
@@ -71,11 +70,12 @@ def build_tree(dest: Path, *, init_marker: str | None = None) -> Path:
     for rel, text in FILES.items():
         (dest / rel).write_text(text)
     if init_marker is not None:
-        init = dest / "init"
-        init.write_text(
-            f"#!/bin/sh\nmount -t proc proc /proc 2>/dev/null\necho {init_marker}\nreboot -f\n"
-        )
-        init.chmod(0o755)
+        # /init for an initramfs, /sbin/init for a disk: both print the marker.
+        for init in (dest / "init", dest / "sbin/init"):
+            init.write_text(
+                f"#!/bin/sh\nmount -t proc proc /proc 2>/dev/null\necho {init_marker}\nreboot -f\n"
+            )
+            init.chmod(0o755)
     return dest
 
 

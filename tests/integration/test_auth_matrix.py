@@ -69,16 +69,20 @@ RULES: dict[tuple[str, str], Role] = {
     ("POST", "/v1/repos/{name}/use"): Role.ADMIN,
     ("DELETE", "/v1/repos/{name}"): Role.ADMIN,
     ("POST", "/v1/kernels/fetch"): Role.BUILDER,
+    ("GET", "/v1/kernels/fetched"): Role.VIEWER,
     ("GET", "/v1/kernels"): Role.VIEWER,
+    ("POST", "/v1/kernels"): Role.BUILDER,
+    ("DELETE", "/v1/kernels/{name}"): Role.ADMIN,
+    ("POST", "/v1/roots/{name}/pack-kernel"): Role.BUILDER,
+    ("POST", "/v1/roots/{name}/image"): Role.BUILDER,
+    # Runs QEMU on an artefact: the guest is emulated, never on the host.
+    ("POST", "/v1/artifacts/{id}/boot-test"): Role.BUILDER,
 }
 
 # Path parameters that name nothing: a request that passes policy then fails
 # harmlessly (not found) instead of changing anything.
-FILL = {
-    "name": "no-such-root",
-    "snapshot": "nosnap",
-    "id": {"jobs": "999999", "artifacts": "0123456789abcdef", "uploads": "0" * 24},
-}
+FILL: dict[str, str] = {"name": "no-such-root", "snapshot": "nosnap"}
+IDS: dict[str, str] = {"jobs": "999999", "artifacts": "0123456789abcdef", "uploads": "0" * 24}
 
 ROLES = (Role.NONE, Role.VIEWER, Role.BUILDER, Role.ADMIN)
 
@@ -89,8 +93,7 @@ def target(route: Route) -> str:
     for seg in segs:
         if seg.startswith("{"):
             key = seg[1:-1].split(":")[0]
-            fill = FILL[key]
-            seg = fill[segs[2]] if isinstance(fill, dict) else fill
+            seg = IDS[segs[2]] if key == "id" else FILL[key]
         parts.append(seg)
     return "/".join(parts)
 

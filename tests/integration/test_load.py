@@ -197,4 +197,3 @@ def _report(stats: Stats, before: int, after: int) -> None:
         f" p99 {stats.pct(99) * 1000:.1f} ms; {len(stats.follows)} followers;"
         f" daemon RSS {before} -> {after} KiB"
     )
-

@@ -160,4 +160,4 @@ def test_qemu_argv() -> None:
     img = qemu.qemu_argv(
         "kvm", kernel=None, image=Path("/d.qcow2"), initrd=None, append="", memory="1G"
     )
-    assert "file=/d.qcow2,if=virtio,format=qcow2" in img and "-kernel" not in img
+    assert "file=/d.qcow2,if=virtio,format=qcow2,snapshot=on" in img and "-kernel" not in img

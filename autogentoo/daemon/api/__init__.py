@@ -9,7 +9,9 @@ def load_all() -> Router:
     # Importing the modules registers their routes on `router`.
     from autogentoo.daemon.api import (  # noqa: F401
         artifacts,
+        images,
         jobs,
+        kernels,
         pack,
         roots,
         shell,

@@ -148,10 +148,10 @@ async def fetch_kernel(ctx: Ctx) -> dict[str, Any]:
 
 @router.route(
     "GET",
-    f"{V}/kernels",
+    f"{V}/kernels/fetched",
     role=Role.VIEWER,
     tag="upstream",
-    summary="List the kernel sources fetched from upstream",
+    summary="List the kernel releases fetched from upstream (with digest and signer)",
 )
-async def list_kernels(ctx: Ctx) -> list[dict[str, Any]]:
+async def list_fetched_kernels(ctx: Ctx) -> list[dict[str, Any]]:
     return inputs.list_kernels(_daemon(ctx))
