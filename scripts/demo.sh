@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job, end to end, on this machine: start the daemon, make a small
-# stage3-shaped root, and drive it as an unprivileged user through agctl.
+# stage3-shaped root, and, as an unprivileged user through agctl, pack it into
+# a kernel and into an OpenStack disk image, and boot both in QEMU.
 #
 #   bash scripts/demo.sh            # as root, on Debian 12
 #
@@ -53,10 +54,13 @@ socket: $sock
 state_dir: $demo/state
 config_dir: $repo/config
 stage3_dir: $demo/stage3
+kernel_source_dir: /usr/src
 caches:
   distfiles: $demo/cache/distfiles
   binpkgs: $demo/cache/binpkgs
   repos: $demo/cache/repos
+  # Kept across demo runs: a second run only relinks the kernels.
+  kernel_builds: /var/cache/autogentoo/kernel-builds
 jobs:
   portage_tmpfs_size: 256M
 policy:
@@ -114,8 +118,40 @@ else
     echo "    refused, as it should be (exit $?)"
 fi
 
+step "agctl kernel add linux --source linux-source-6.1.tar.xz (Debian's kernel source, unpacked once)"
+as_user kernel add linux --source linux-source-6.1.tar.xz
+took
+
+out=$demo/out
+mkdir -p "$out"
+chown "$user" "$out"
+
+step "agctl pack-kernel demo: tinyconfig + fragments, the root inside (first run builds, later runs relink)"
+as_user pack-kernel demo --kernel linux --config tinyconfig --fragment tiny-boot \
+    --fragment initramfs -o "$out/bzImage"
+took
+
+kernel_id=$(as_user --json artifacts list --kind kernel | "$venv/bin/python" -c \
+    'import json, sys; print(json.load(sys.stdin)[0]["id"])')
+step "agctl boot-test $kernel_id --expect AUTOGENTOO-DEMO-BOOTED (QEMU, serial console)"
+as_user boot-test "$kernel_id" --expect AUTOGENTOO-DEMO-BOOTED --timeout 300
+took
+
+step "agctl image demo: a GPT disk (BIOS + UEFI), ext4 root, qcow2, glance properties"
+as_user image demo --kernel linux --size 512M --format qcow2 -o "$out/demo.qcow2"
+took
+
+image_id=$(as_user --json artifacts list --kind image | "$venv/bin/python" -c \
+    'import json, sys; print(json.load(sys.stdin)[0]["id"])')
+step "agctl boot-test $image_id: QEMU boots the image from a virtio disk to the root's own init"
+as_user boot-test "$image_id" --expect AUTOGENTOO-DEMO-BOOTED --timeout 300
+took
+
 step "agctl jobs"
 as_user jobs
 echo
 echo "host mounts under $demo: $(grep -c " $demo/" /proc/self/mountinfo || true) (jobs' mounts never reach the host)"
+echo
+echo "artefacts written by $user:"
+ls -l "$out"
 echo "demo done; everything is under $demo"

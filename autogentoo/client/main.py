@@ -397,6 +397,8 @@ def cmd_boot_test(args: argparse.Namespace, c: Client) -> int:
     body: dict[str, Any] = {"expect": args.expect, "timeout": args.timeout}
     if args.append is not None:
         body["append"] = args.append
+    if args.uefi:
+        body["firmware"] = "uefi"
     job = c.call("POST", f"/artifacts/{args.id}/boot-test", body=body)
     rc = wait_job(args, c, job)
     if not args.detach and not args.json:
@@ -673,6 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--expect", required=True, help="the console line that means success")
     sp.add_argument("--timeout", type=float, default=300.0)
     sp.add_argument("--append", help="kernel command line (kernels only)")
+    sp.add_argument("--uefi", action="store_true", help="boot an image through UEFI (OVMF)")
     _detach(sp)
 
     sp = add("shell", cmd_shell, "an interactive shell in a root (admins)")

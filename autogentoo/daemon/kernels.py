@@ -24,6 +24,7 @@ from autogentoo.errors import AlreadyExists, InvalidArgument, JobFailed, NotFoun
 if TYPE_CHECKING:
     from autogentoo.daemon.artifacts import Artifact
     from autogentoo.daemon.jobs import JobContext
+    from autogentoo.daemon.qemu import Firmware
     from autogentoo.daemon.roots import Root
     from autogentoo.daemon.service import Daemon
 
@@ -282,6 +283,7 @@ async def boot_test(
     timeout: float,
     append: str | None,
     owner_uid: int,
+    firmware: Firmware = "bios",
 ) -> None:
     from autogentoo.daemon import qemu
 
@@ -299,7 +301,12 @@ async def boot_test(
         f"booting artefact {art.id} ({art.kind}), expecting {expect!r} within {timeout:.0f}s"
     )
     res = await qemu.boot_test(
-        append=cmdline, expect=expect, timeout=timeout, log=job.log.write, **kw
+        append=cmdline,
+        expect=expect,
+        timeout=timeout,
+        log=job.log.write,
+        firmware=firmware,
+        **kw,
     )
     staging = daemon.artifacts.staging()
     (staging / "console.log").write_bytes(res.console_log)

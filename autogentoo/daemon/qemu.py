@@ -28,9 +28,17 @@ LogFn = Callable[[bytes], None]
 Accel = Literal["kvm", "tcg"]
 
 QEMU = "qemu-system-x86_64"
+# Debian's ovmf package: the UEFI firmware code, and the variable store each
+# boot gets a private copy of (the guest writes boot entries into it).
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+Firmware = Literal["bios", "uefi"]
 TAIL_LINES = 40
 PROBE_TIMEOUT = 10.0
 # How long a KVM guest may stay silent before we call KVM broken here.
+# What QEMU prints when KVM cannot emulate an instruction (seen here with
+# syslinux's real-mode code); the guest is paused, not dead.
+KVM_FAILURE = b"KVM internal error"
 KVM_SILENCE = 15.0
 
 # Real-mode code at the reset vector (0xFFFF0): mov al, 0x2a; out 0xf4, al; hlt.
@@ -123,6 +131,7 @@ def qemu_argv(
     initrd: Path | None,
     append: str,
     memory: str,
+    uefi_vars: Path | None = None,
 ) -> list[str]:
     argv = [
         QEMU,
@@ -141,6 +150,13 @@ def qemu_argv(
     ]
     if accel == "kvm":
         argv += ["-cpu", "host"]
+    if uefi_vars is not None:
+        argv += [
+            "-drive",
+            f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+            "-drive",
+            f"if=pflash,format=raw,unit=1,file={uefi_vars}",
+        ]
     if kernel is not None:
         argv += ["-kernel", str(kernel), "-append", append]
         if initrd is not None:
@@ -164,11 +180,47 @@ async def boot_test(
     memory: str = "256M",
     log: LogFn,
     accel: Accel | None = None,
+    firmware: Firmware = "bios",
 ) -> BootResult:
     """Boot and pass when expect appears on the serial console.
 
     The marker should not occur in `append`: the kernel echoes its command line.
+    firmware="uefi" boots through OVMF (for images with an EFI system partition).
     """
+    if firmware == "uefi":
+        if not OVMF_CODE.is_file() or not OVMF_VARS.is_file():
+            raise NotFound(f"{OVMF_CODE} is missing: install the ovmf package for UEFI boots")
+        with tempfile.TemporaryDirectory(prefix="autogentoo-ovmf-") as tmp:
+            vars_copy = Path(tmp) / "OVMF_VARS.fd"
+            vars_copy.write_bytes(OVMF_VARS.read_bytes())
+            return await _boot_test(
+                kernel,
+                image,
+                initrd,
+                append,
+                expect,
+                timeout,
+                memory,
+                log,
+                accel,
+                uefi_vars=vars_copy,
+            )
+    return await _boot_test(kernel, image, initrd, append, expect, timeout, memory, log, accel)
+
+
+async def _boot_test(
+    kernel: Path | None,
+    image: Path | None,
+    initrd: Path | None,
+    append: str,
+    expect: str,
+    timeout: float,
+    memory: str,
+    log: LogFn,
+    accel: Accel | None,
+    *,
+    uefi_vars: Path | None = None,
+) -> BootResult:
     if kernel is None and image is None:
         raise InvalidArgument("boot_test needs a kernel or an image")
     for path in (kernel, image, initrd):
@@ -185,17 +237,32 @@ async def boot_test(
         # real kernel under KVM (the console stays silent). Give it a short
         # window to say anything, else remember KVM as broken and use TCG.
         argv = qemu_argv(
-            "kvm", kernel=kernel, image=image, initrd=initrd, append=append, memory=memory
+            "kvm",
+            kernel=kernel,
+            image=image,
+            initrd=initrd,
+            append=append,
+            memory=memory,
+            uefi_vars=uefi_vars,
         )
         result = await _boot_once(argv, "kvm", expect, timeout, log, silent_limit=KVM_SILENCE)
-        if result.console_log or result.passed:
+        if result.passed or (result.console_log and KVM_FAILURE not in result.console_log):
             return result
         global _kvm_ok
         _kvm_ok = False
-        log(f"KVM guest printed nothing in {KVM_SILENCE:g}s: falling back to TCG\n".encode())
+        why = "failed" if result.console_log else f"printed nothing in {KVM_SILENCE:g}s"
+        log(f"KVM guest {why}: falling back to TCG\n".encode())
         accel = "tcg"
         timeout = max(1.0, timeout - (time.monotonic() - start))
-    argv = qemu_argv(accel, kernel=kernel, image=image, initrd=initrd, append=append, memory=memory)
+    argv = qemu_argv(
+        accel,
+        kernel=kernel,
+        image=image,
+        initrd=initrd,
+        append=append,
+        memory=memory,
+        uefi_vars=uefi_vars,
+    )
     result = await _boot_once(argv, accel, expect, timeout, log)
     return BootResult(
         result.passed, result.accel, result.console_log, time.monotonic() - start, result.reason
@@ -249,6 +316,10 @@ async def _boot_once(
             log(chunk)
             if marker in console[look_from:]:
                 passed, reason = True, "marker seen"
+                break
+            if accel == "kvm" and KVM_FAILURE in console[max(0, look_from - 64) :]:
+                # QEMU pauses the guest and waits forever: give up at once.
+                reason = "KVM internal error (emulation failure)"
                 break
     finally:
         await _kill(proc)

@@ -131,17 +131,18 @@ async def _accel() -> qemu.Accel:
     return "tcg"
 
 
-async def _boot(img: Path, *, extra: list[str] | None = None) -> qemu.BootResult:
+async def _boot(img: Path, *, firmware: qemu.Firmware = "bios") -> qemu.BootResult:
     log = Log()
     accel = await _accel()
-    if extra is None:
-        boot = await qemu.boot_test(
-            None, image=img, expect=MARKER, timeout=BOOT_TIMEOUT, log=log, accel=accel
-        )
-    else:
-        # qemu.boot_test has no firmware option yet: its argv plus pflash.
-        argv = qemu.qemu_argv(accel, kernel=None, image=img, initrd=None, append="", memory="256M")
-        boot = await qemu._boot_once([*argv, *extra], accel, MARKER, BOOT_TIMEOUT, log)
+    boot = await qemu.boot_test(
+        None,
+        image=img,
+        expect=MARKER,
+        timeout=BOOT_TIMEOUT,
+        log=log,
+        accel=accel,
+        firmware=firmware,
+    )
     _progress(f"boot {img.name}: {boot.seconds:.1f}s accel={boot.accel} {boot.reason}")
     return boot
 
@@ -184,17 +185,7 @@ async def test_uefi_boot_with_ovmf(raw_image: tuple[image.ImageResult, Log], wor
     if not (OVMF_CODE.is_file() and OVMF_VARS.is_file()):
         pytest.skip("OVMF is not installed (apt-get install ovmf)")
     result, _ = raw_image
-    vars_copy = workdir / "OVMF_VARS.fd"
-    shutil.copyfile(OVMF_VARS, vars_copy)
-    boot = await _boot(
-        result.path,
-        extra=[
-            "-drive",
-            f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
-            "-drive",
-            f"if=pflash,format=raw,unit=1,file={vars_copy}",
-        ],
-    )
+    boot = await _boot(result.path, firmware="uefi")
     _console_checks(boot, result)
     assert "efi: EFI v" in boot.console_log.decode("latin-1")  # OVMF + systemd-boot
 

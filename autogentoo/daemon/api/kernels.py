@@ -205,6 +205,9 @@ class BootTestBody:
     expect: str = doc_field("text the serial console must show for the test to pass")
     timeout: float = doc_field("seconds to wait for it", default=300.0)
     append: str | None = doc_field("kernel command line (kernels only)", default=None)
+    firmware: str = doc_field(
+        "bios or uefi (OVMF); images built with --boot uefi need uefi", default="bios"
+    )
 
 
 @router.route(
@@ -225,6 +228,8 @@ async def boot_test(ctx: Ctx) -> dict[str, Any]:
         raise InvalidArgument("timeout must be between 1 and 3600 seconds")
     if b.append is not None and (len(b.append) > 2048 or "\n" in b.append):
         raise InvalidArgument("append must be one line of at most 2048 characters")
+    if b.firmware not in ("bios", "uefi"):
+        raise InvalidArgument(f"firmware must be bios or uefi, not {b.firmware[:20]!r}")
     if art.kind not in ("kernel", "image"):
         raise InvalidArgument(
             f"artefact {art.id} is a {art.kind}; boot-test takes a kernel or an image"
@@ -238,6 +243,7 @@ async def boot_test(ctx: Ctx) -> dict[str, Any]:
             expect=b.expect,
             timeout=b.timeout,
             append=b.append,
+            firmware="uefi" if b.firmware == "uefi" else "bios",
             owner_uid=ctx.caller.uid,
         )
 
