@@ -35,7 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from autogentoo.daemon.packroot import (
     Compression,
     Layer,
+    LayeredResult,
     PackOptions,
+    ScanCache,
     pack_layers,
     pack_single,
     plan,
@@ -192,6 +194,25 @@ def main() -> None:
         assert len(repacked) == 1, repacked
         t_re, r_re = timed(lambda: pack_layers(layers, gz, cache))
 
+        # As the daemon does it: the root's walk is kept under the root's
+        # generation (only the daemon's own jobs change a root), so a cache
+        # hit and an overlay change walk only the small overlays.
+        scans = ScanCache()
+        tokens = {"root": "generation-1"}
+        daemon_cache = out / "daemon-cache"
+        daemon_cache.mkdir()
+
+        def daemon_pack() -> LayeredResult:
+            return pack_layers(
+                layers, gz, daemon_cache, plan_=plan(layers, gz, cache=scans, tokens=tokens)
+            )
+
+        timed(daemon_pack)  # first pack: walks the root once
+        t_dhit, r_dhit = timed(daemon_pack)
+        assert r_dhit.cached
+        (BASE / "hardware/etc/hardware/conf3").write_bytes(b"changed again %f\n" % time.time())
+        t_dre, _ = timed(daemon_pack)
+
         mb = 1 << 20
         print(f"tree: {args.files} files, {args.mb} MB; {os.cpu_count()} CPUs")
         print(f"old pipeline find|cpio|pigz -9     {t_old:7.2f} s  {s_old / mb:7.1f} MB")
@@ -208,6 +229,9 @@ def main() -> None:
             f" full pack {t_full:.2f} s; repacked 1 of {len(r_re1.members)} members)"
         )
         print(f"  then re-concatenated + sha256    {t_re:7.3f} s  ({r_re.size / mb:.1f} MB copied)")
+        print("as the daemon runs it (root walk kept per root generation):")
+        print(f"  cache hit                        {t_dhit:7.3f} s  (target < 0.2 s)")
+        print(f"  one overlay changed, repack+cat  {t_dre:7.3f} s  (target < 0.5 s)")
     finally:
         shutil.rmtree(out, ignore_errors=True)
         if not args.keep:

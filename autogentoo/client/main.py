@@ -241,7 +241,7 @@ def download(
 ) -> None:
     """Stream an artefact to dest, written by agctl as the calling user, atomically."""
     info = c.call("GET", f"/artifacts/{artifact}")
-    name = file or info["files"][0]
+    name = file or info.get("name") or info["files"][0]
     target = Path(dest)
     if target.is_dir():
         target = target / name
@@ -249,19 +249,66 @@ def download(
     progress = output.Progress(f"downloading {name}")
     total = info["size"] if file is None else 0
     done = 0
+    # What the bytes must hash to: the whole file, or for a layered initramfs
+    # each member in turn (its digest is over the members' digests).
+    expect: list[tuple[int, str]] = []
+    if file is None and info.get("parts"):
+        expect = [(m["size"], m["sha256"]) for m in info.get("members", [])]
+    elif file is None:
+        expect = [(total, info["sha256"])]
+    verify = _Verifier(expect)
     try:
         with open(part, "wb") as f:
             for chunk in c.stream(f"/artifacts/{artifact}/content", {"file": file}):
                 f.write(chunk)
+                verify.update(chunk)
                 done += len(chunk)
                 if total and not args.quiet:
                     progress(done, total)
+        verify.finish()
         os.replace(part, target)
     except BaseException:
         part.unlink(missing_ok=True)
         raise
     if not args.json and not args.quiet:
         print(f"wrote {target} ({done} bytes)", file=sys.stderr)
+
+
+class _Verifier:
+    """sha256 of consecutive pieces of a stream, checked against what the daemon recorded."""
+
+    def __init__(self, pieces: list[tuple[int, str]]) -> None:
+        import hashlib
+
+        self._new = hashlib.sha256
+        self.pieces = list(pieces)
+        self.left = self.pieces[0][0] if self.pieces else 0
+        self.h = self._new()
+
+    def update(self, data: bytes) -> None:
+        while data and self.pieces:
+            take = data[: self.left]
+            self.h.update(take)
+            self.left -= len(take)
+            data = data[len(take) :]
+            if self.left == 0:
+                self._close_piece()
+
+    def _close_piece(self) -> None:
+        _size, digest = self.pieces.pop(0)
+        if self.h.hexdigest() != digest:
+            raise AgError(
+                "the download does not match the artefact's sha256: try again",
+                code=Code.DIGEST_MISMATCH,
+            )
+        self.h = self._new()
+        self.left = self.pieces[0][0] if self.pieces else 0
+
+    def finish(self) -> None:
+        while self.pieces and self.left == 0:  # empty pieces
+            self._close_piece()
+        if self.pieces:
+            raise AgError("the download ended early: try again", code=Code.DIGEST_MISMATCH)
 
 
 def _artifact_of(job: dict[str, Any]) -> str | None:

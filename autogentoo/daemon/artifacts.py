@@ -46,6 +46,16 @@ class Artifact:
         """The main file."""
         return self.dir / self.files[0]
 
+    @property
+    def parts(self) -> bool:
+        """The artefact's content is its files concatenated (a layered initramfs)."""
+        return bool(self.meta.get("parts"))
+
+    @property
+    def name(self) -> str:
+        """The file name a download gets."""
+        return str(self.meta.get("name") or self.files[0])
+
     def json(self) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -57,6 +67,7 @@ class Artifact:
             "root": self.root,
             "created": self.created,
             "files": self.files,
+            "name": self.name,
             **{k: v for k, v in self.meta.items() if k != "files"},
         }
 
@@ -135,6 +146,7 @@ class Store:
         job_id: int | None = None,
         root: str | None = None,
         meta: dict[str, Any] | None = None,
+        size: int | None = None,
     ) -> Artifact:
         """Move a staged directory into the store and register it.
 
@@ -147,7 +159,8 @@ class Store:
         final = self.base / artifact_id
         os.rename(staging, final)
         faults.point_sync("artifact.renamed")
-        size = (final / files[0]).stat().st_size
+        if size is None:
+            size = (final / files[0]).stat().st_size
         full_meta = {**(meta or {}), "files": files}
         try:
             self.state.execute(

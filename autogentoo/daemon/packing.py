@@ -9,6 +9,7 @@ packroot the root's generation so a cache hit does not walk the root again.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import shutil
 import time
 from dataclasses import dataclass
@@ -122,10 +123,22 @@ async def pack_root(
     name = file_name(req)
     try:
         if req.layered:
-            res = await asyncio.to_thread(packroot.pack_layers, layers, opts, cache_dir, plan_=plan)
-            assert res.path is not None
-            link_or_copy(res.path, staging / name)
-            sha, size = res.sha256, res.size
+            # The members are the artefact: served one after the other they
+            # are the initramfs (the kernel takes concatenated archives), and
+            # not concatenating them keeps a one-overlay change as cheap as
+            # repacking that overlay, whatever the size of the root.
+            res = await asyncio.to_thread(
+                packroot.pack_layers, layers, opts, cache_dir, concatenate=False, plan_=plan
+            )
+            files = []
+            for k, m in enumerate(res.members):
+                part = f"part{k:02d}.cpio{req.compress.suffix}"
+                link_or_copy(m.path, staging / part)
+                files.append(part)
+            # Over the parts' digests in order: what `agctl artifacts get`
+            # checks the concatenation against, part by part.
+            sha = hashlib.sha256("".join(m.sha256 for m in res.members).encode()).hexdigest()
+            size = res.size
             repacked = [m.path.name for m in res.members if not m.cached]
             job.log.line(
                 f"{len(res.members) - len(repacked)} member(s) from cache, {len(repacked)} packed"
@@ -142,20 +155,24 @@ async def pack_root(
             )
             sha, size = single.sha256, single.size
             meta = {"entries": single.entries}
+            files = [name]
         meta.update(
             compress=str(req.compress),
             layered=req.layered,
             epoch=opts.epoch,
             warnings=list(plan.warnings),
             layers=[x.name for x in layers],
+            name=name,
+            parts=req.layered,
         )
         await faults.point("pack.before_register")
         art = daemon.artifacts.add(
             staging,
-            [name],
+            files,
             kind="initramfs",
             owner_uid=owner_uid,
             sha256=sha,
+            size=size,
             cache_key=cache_key,
             job_id=job.id,
             root=root.name,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,6 +10,7 @@ from aiohttp import web
 
 from autogentoo import API_VERSION
 from autogentoo.daemon.api import router
+from autogentoo.daemon.artifacts import Artifact
 from autogentoo.daemon.config import Role
 from autogentoo.daemon.routing import Ctx, doc_field
 from autogentoo.daemon.service import DAEMON
@@ -70,6 +72,8 @@ class FileQuery:
 async def artifact_content(ctx: Ctx) -> web.StreamResponse:
     d = ctx.request.app[DAEMON]
     art = d.artifacts.get(ctx.request.match_info["id"])
+    if art.parts and ctx.query.file is None:
+        return await _stream_parts(ctx, art)
     name = ctx.query.file or art.files[0]
     # Only names the store itself recorded: the client never names a path.
     if name not in art.files:
@@ -100,3 +104,23 @@ async def delete_artifact(ctx: Ctx) -> dict[str, Any]:
         raise Forbidden(f"artefact {art.id} is not yours to delete")
     d.artifacts.delete(art)
     return {"deleted": art.id}
+
+
+async def _stream_parts(ctx: Ctx, art: Artifact) -> web.StreamResponse:
+    """A layered initramfs: its members back to back, which is the archive."""
+    resp = web.StreamResponse(
+        headers={
+            "Content-Type": "application/octet-stream",
+            "Content-Disposition": f'attachment; filename="{art.name}"',
+            "X-Request-Id": ctx.request_id,
+        }
+    )
+    resp.content_length = sum((art.dir / f).stat().st_size for f in art.files)
+    await resp.prepare(ctx.request)
+    loop = asyncio.get_running_loop()
+    for part in art.files:
+        with open(art.dir / part, "rb") as f:
+            while chunk := await loop.run_in_executor(None, f.read, 1 << 20):
+                await resp.write(chunk)
+    await resp.write_eof()
+    return resp
