@@ -536,7 +536,7 @@ async def fetch_kernel(daemon: Daemon, ctx: JobContext, version: str) -> None:
     # Ready for pack-kernel under the release's name.
     from autogentoo.daemon import kernels
 
-    with contextlib.suppress(AlreadyExists):
+    with contextlib.suppress(AlreadyExists, InvalidArgument):
         kernels.register(
             daemon,
             f"linux-{version}",

@@ -198,7 +198,7 @@ def test_kernel_source_is_fetched_and_unpacked(world: World) -> None:
     job = _wait(world.d, world.d.call("POST", "/kernels/fetch", body={"version": "6.1.99"}))
     assert job["state"] == "succeeded", _log(world.d, job["id"])
     assert (world.tmp / "src" / "linux-6.1.99" / "Makefile").is_file()
-    (row,) = world.d.call("GET", "/kernels")
+    (row,) = world.d.call("GET", "/kernels/fetched")
     assert row["signer"] == world.fpr and row["digest"].startswith("sha512:")
     missing = _wait(world.d, world.d.call("POST", "/kernels/fetch", body={"version": "6.2"}))
     assert missing["error"]["code"] == "invalid_argument"  # not in the signed sha256sums
@@ -320,7 +320,7 @@ def test_agctl_commands(world: World) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub, common)
     with world.d.client() as c:
-        for argv in (["stage3", "list"], ["repo", "list"], ["kernel", "list"]):
+        for argv in (["stage3", "list"], ["repo", "list"], ["kernel", "fetched"]):
             args = parser.parse_args(["--json", *argv])
             args.detach = False
             assert args.func(args, c) == 0
