@@ -166,7 +166,11 @@ def test_truncated_download_is_resumed(world: World) -> None:
     assert job["state"] == "succeeded", _log(world.d, job["id"])
     assert "resuming" in _log(world.d, job["id"])
     ranges = [r for p, r in world.mirror.requests if p == path]
-    assert ranges[0] is None and ranges[1] == f"bytes={size // 3}-"
+    # Resumed from what had reached the disk: at most what the mirror sent
+    # before dropping (the tail of it may still have been in flight).
+    assert ranges[0] is None and ranges[1] is not None
+    offset = int(ranges[1].removeprefix("bytes=").rstrip("-"))
+    assert 0 < offset <= size // 3
 
 
 def test_unknown_profile_name_is_refused_before_any_job(world: World) -> None:
