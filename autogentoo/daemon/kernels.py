@@ -55,7 +55,7 @@ def _version(tree: Path) -> str | None:
         head = (tree / "Makefile").read_text(errors="replace").splitlines()[:6]
     except OSError:
         return None
-    fields = dict(line.split("=", 1) for line in head if "=" in line)
+    fields = {k.strip(): v for k, _, v in (line.partition("=") for line in head) if _}
     parts = [fields.get(k, "").strip() for k in ("VERSION", "PATCHLEVEL", "SUBLEVEL")]
     return ".".join(p for p in parts if p) or None
 
@@ -308,6 +308,8 @@ async def boot_test(
         firmware=firmware,
         **kw,
     )
+    if res.console_log and not res.console_log.endswith(b"\n"):
+        job.log.write(b"\n")  # QEMU is stopped mid-line once the marker shows
     staging = daemon.artifacts.staging()
     (staging / "console.log").write_bytes(res.console_log)
     console = daemon.artifacts.add(
