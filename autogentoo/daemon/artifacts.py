@@ -57,7 +57,9 @@ class Artifact:
         return str(self.meta.get("name") or self.files[0])
 
     def json(self) -> dict[str, Any]:
+        # The store's own fields win over anything a job put in meta.
         return {
+            **{k: v for k, v in self.meta.items() if k != "files"},
             "id": self.id,
             "kind": self.kind,
             "size": self.size,
@@ -68,7 +70,6 @@ class Artifact:
             "created": self.created,
             "files": self.files,
             "name": self.name,
-            **{k: v for k, v in self.meta.items() if k != "files"},
         }
 
 

@@ -135,7 +135,7 @@ async def build_image(ctx: Ctx) -> dict[str, Any]:
                 meta={
                     "format": str(fmt),
                     "boot": str(res.boot),
-                    "size": size,
+                    "disk_size": size,
                     "cmdline": res.cmdline,
                     "kernel": kernel_art.id,
                     "root_partuuid": res.root_partuuid,
