@@ -15,13 +15,17 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from autogentoo import __version__
 from autogentoo.client import output
 from autogentoo.client.http import Client
 from autogentoo.errors import EXIT_CODES, EXIT_UNREACHABLE, EXIT_USAGE, AgError, Code
+
+# argparse passes every help string through gettext, which searches the disk
+# for message catalogues on each call: half of agctl's start-up time. agctl's
+# messages are English only, so nothing is translated.
+argparse._ = str  # type: ignore[attr-defined]
 
 Handler = Callable[[argparse.Namespace, Client], int]
 
@@ -122,6 +126,11 @@ def cmd_roots(args: argparse.Namespace, c: Client) -> int:
     )
 
 
+def _read_text(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
 def _upload(args: argparse.Namespace, c: Client, path: str) -> dict[str, Any]:
     # The file is read here, as the calling user, and streamed: the daemon
     # never opens a path a client names.
@@ -130,11 +139,11 @@ def _upload(args: argparse.Namespace, c: Client, path: str) -> dict[str, Any]:
     except OSError as e:
         raise AgError(f"cannot read {path}: {e.strerror}", code=Code.INVALID_ARGUMENT) from None
     with f:
-        progress = output.Progress(f"uploading {Path(path).name}")
+        progress = output.Progress(f"uploading {os.path.basename(path)}")
         up: dict[str, Any] = c.upload(
             "/uploads",
             f,
-            query={"filename": Path(path).name},
+            query={"filename": os.path.basename(path)},
             progress=progress if not args.quiet else None,
         )
         return up
@@ -146,7 +155,7 @@ def cmd_root_create(args: argparse.Namespace, c: Client) -> int:
         body["group"] = args.group
     if args.digests:
         try:
-            body["digests"] = Path(args.digests).read_text()
+            body["digests"] = _read_text(args.digests)
         except (OSError, UnicodeDecodeError) as e:
             raise AgError(f"cannot read {args.digests}: {e}", code=Code.INVALID_ARGUMENT) from None
     if os.sep in args.stage3 or os.path.exists(args.stage3):
@@ -225,7 +234,7 @@ def cmd_run(args: argparse.Namespace, c: Client) -> int:
         body["recipe"] = args.recipe
     elif args.script:
         try:
-            body["script"] = Path(args.script).read_text()
+            body["script"] = _read_text(args.script)
         except (OSError, UnicodeDecodeError) as e:
             raise AgError(f"cannot read {args.script}: {e}", code=Code.INVALID_ARGUMENT) from None
     else:
@@ -242,6 +251,8 @@ def download(
     """Stream an artefact to dest, written by agctl as the calling user, atomically."""
     info = c.call("GET", f"/artifacts/{artifact}")
     name = file or info.get("name") or info["files"][0]
+    from pathlib import Path  # not at start-up: pathlib costs agctl milliseconds
+
     target = Path(dest)
     if target.is_dir():
         target = target / name
@@ -514,12 +525,57 @@ def _artifact_id(value: str) -> str:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Skipped:
+    """Stands in for the parsers of commands this invocation does not use."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: self
+
+
+UPSTREAM_COMMANDS = ("stage3", "repo", "kernel")
+
+
+def _width() -> int:
+    # argparse would ask shutil, whose import (bz2, lzma...) costs agctl ~5 ms.
+    try:
+        return max(40, os.get_terminal_size(2).columns - 2)
+    except OSError:
+        return 78
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.HelpFormatter(prog, width=_width())
+
+
+def _raw_formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, width=_width())
+
+
+def command_word(argv: Sequence[str]) -> str | None:
+    """The command an argv names, so only its parser is built (None: build all)."""
+    it = iter(argv)
+    for word in it:
+        if word in ("-h", "--help"):
+            return None
+        if word in ("--socket", "--host"):
+            next(it, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """agctl's parser; with `only`, just that command's part (a parser for
+    every command costs more than the rest of a quick command's start-up)."""
+    return _build(only)[0]
+
+
+def _build(only: str | None) -> tuple[argparse.ArgumentParser, set[str]]:
     p = argparse.ArgumentParser(
         prog="agctl",
         description="Drive the autogentoo daemon.",
         epilog=__doc__.split("\n\n", 1)[1] if __doc__ else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_raw_formatter,
     )
     p.add_argument(
         "--socket",
@@ -536,7 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress or job logs")
     # The same switches after the command (`agctl status --json`) without
     # resetting what was given before it.
-    common = argparse.ArgumentParser(add_help=False)
+    common = argparse.ArgumentParser(add_help=False, formatter_class=_formatter)
     common.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
     )
@@ -550,18 +606,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"agctl {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def add(name: str, fn: Handler, help: str, parent: Any = sub) -> argparse.ArgumentParser:
+    built: set[str] = set()
+
+    def wanted(name: str) -> bool:
+        if only is None or only == name:
+            built.add(name)
+            return True
+        return False
+
+    def add(name: str, fn: Handler, help: str, parent: Any = sub) -> Any:
+        if isinstance(parent, _Skipped) or (parent is sub and not wanted(name)):
+            return _Skipped()
         sp: argparse.ArgumentParser = parent.add_parser(
-            name, help=help, description=help, parents=[common]
+            name, help=help, description=help, parents=[common], formatter_class=_formatter
         )
         sp.set_defaults(func=fn)
         return sp
+
+    def group(name: str, help: str, **kw: Any) -> Any:
+        if not wanted(name):
+            return _Skipped()
+        return sub.add_parser(name, help=help, formatter_class=_formatter, **kw)
 
     add("status", cmd_status, "daemon health and load")
     add("whoami", cmd_whoami, "who the daemon thinks you are, and your role")
     add("roots", cmd_roots, "list roots")
 
-    root = sub.add_parser("root", help="create, inspect and change roots")
+    root = group("root", "create, inspect and change roots")
     rsub = root.add_subparsers(dest="root_command", metavar="ACTION", required=True)
     sp = add("create", cmd_root_create, "create a root from a stage3 tarball", rsub)
     sp.add_argument("name", type=_name)
@@ -639,9 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", help="write the initramfs here")
     _detach(sp)
 
-    arts = sub.add_parser(
-        "artifacts", help="list, show, download and delete artefacts", parents=[common]
-    )
+    arts = group("artifacts", "list, show, download and delete artefacts", parents=[common])
     arts.set_defaults(func=cmd_artifacts, root=None, kind=None)
     asub = arts.add_subparsers(dest="artifacts_command", metavar="ACTION")
     sp = add("list", cmd_artifacts, "list artefacts, newest first", asub)
@@ -659,7 +728,10 @@ def build_parser() -> argparse.ArgumentParser:
     # stage3 / repo / kernel fetch: upstream_cmds imports this module, so late.
     from autogentoo.client.upstream_cmds import register
 
-    kernel_sub = register(sub, common)["kernel"]
+    kernel_sub: Any = _Skipped()
+    if only is None or only in UPSTREAM_COMMANDS:
+        kernel_sub = register(sub, common)["kernel"]
+        built.update(UPSTREAM_COMMANDS)
     sp = add("add", cmd_kernel_add, "register a kernel source for pack-kernel", kernel_sub)
     sp.add_argument("name", type=_name)
     sp.add_argument(
@@ -738,11 +810,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-f", "--follow", action="store_true", help="follow until the job ends")
     sp = add("cancel", cmd_cancel, "cancel a job")
     sp.add_argument("job", type=int)
-    return p
+    return p, built
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    only = command_word(argv)
+    parser, built = _build(only)
+    if only is not None and only not in built:
+        parser = build_parser()  # an unknown command: the full parser says what exists
     args = parser.parse_args(argv)
     if not hasattr(args, "detach"):
         args.detach = False
