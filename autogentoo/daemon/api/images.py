@@ -15,9 +15,10 @@ from autogentoo.daemon import image as image_mod
 from autogentoo.daemon import kernels as kernels_mod
 from autogentoo.daemon import roots as roots_mod
 from autogentoo.daemon.api import router
+from autogentoo.daemon.api.common import start_job
 from autogentoo.daemon.api.kernels import _fragment_name
 from autogentoo.daemon.config import Role
-from autogentoo.daemon.jobs import JobContext, Lock, job_json
+from autogentoo.daemon.jobs import JobContext, Lock
 from autogentoo.daemon.routing import Ctx, doc_field, name_field
 from autogentoo.daemon.service import DAEMON
 from autogentoo.errors import InvalidArgument
@@ -153,9 +154,9 @@ async def build_image(ctx: Ctx) -> dict[str, Any]:
         )
         job.result["artifact"] = art.id
 
-    job = d.jobs.submit(
+    return start_job(
+        ctx,
         "image",
-        owner_uid=ctx.caller.uid,
         work=work,
         root=root.name,
         lock=Lock.SHARED,
@@ -168,4 +169,3 @@ async def build_image(ctx: Ctx) -> dict[str, Any]:
             "fs": b.fs,
         },
     )
-    return job_json(d.jobs.get_row(job.id))

@@ -13,9 +13,10 @@ from autogentoo.daemon import packing
 from autogentoo.daemon import roots as roots_mod
 from autogentoo.daemon import uploads as uploads_mod
 from autogentoo.daemon.api import router
+from autogentoo.daemon.api.common import start_job
 from autogentoo.daemon.api.pack import _compression
 from autogentoo.daemon.config import Role
-from autogentoo.daemon.jobs import JobContext, Lock, job_json
+from autogentoo.daemon.jobs import JobContext, Lock
 from autogentoo.daemon.packroot import Compression
 from autogentoo.daemon.routing import Ctx, doc_field, name_field
 from autogentoo.daemon.service import DAEMON, Daemon
@@ -82,10 +83,7 @@ async def add_kernel(ctx: Ctx) -> dict[str, Any]:
     async def work(job: JobContext) -> None:
         await kernels_mod.add_from_tarball(d, job, b.name, tarball, ctx.caller.uid, source)
 
-    job = d.jobs.submit(
-        "kernel-add", owner_uid=ctx.caller.uid, work=work, params={"name": b.name, **source}
-    )
-    return job_json(d.jobs.get_row(job.id))
+    return start_job(ctx, "kernel-add", work=work, params={"name": b.name, **source})
 
 
 @router.route(
@@ -183,9 +181,9 @@ async def pack_kernel(ctx: Ctx) -> dict[str, Any]:
         job.result["initramfs"] = initramfs.id
         await kernels_mod.pack_kernel(d, job, root, req, initramfs, owner_uid=ctx.caller.uid)
 
-    job = d.jobs.submit(
+    return start_job(
+        ctx,
         "pack-kernel",
-        owner_uid=ctx.caller.uid,
         work=work,
         root=root.name,
         lock=Lock.SHARED,
@@ -197,7 +195,6 @@ async def pack_kernel(ctx: Ctx) -> dict[str, Any]:
             **pack_req.json(),
         },
     )
-    return job_json(d.jobs.get_row(job.id))
 
 
 @dataclass(frozen=True)
@@ -247,11 +244,10 @@ async def boot_test(ctx: Ctx) -> dict[str, Any]:
             owner_uid=ctx.caller.uid,
         )
 
-    job = d.jobs.submit(
+    return start_job(
+        ctx,
         "boot-test",
-        owner_uid=ctx.caller.uid,
         work=work,
         root=art.root,
         params={"artifact": art.id, "expect": b.expect, "timeout": b.timeout},
     )
-    return job_json(d.jobs.get_row(job.id))

@@ -9,8 +9,9 @@ from autogentoo import API_VERSION
 from autogentoo.daemon import packing
 from autogentoo.daemon import roots as roots_mod
 from autogentoo.daemon.api import router
+from autogentoo.daemon.api.common import start_job
 from autogentoo.daemon.config import Role
-from autogentoo.daemon.jobs import JobContext, Lock, job_json
+from autogentoo.daemon.jobs import JobContext, Lock
 from autogentoo.daemon.packroot import Compression
 from autogentoo.daemon.routing import Ctx, doc_field, name_field
 from autogentoo.daemon.service import DAEMON
@@ -87,12 +88,11 @@ async def pack_root(ctx: Ctx) -> dict[str, Any]:
     async def work(job: JobContext) -> None:
         await packing.pack_root(d, job, root, layers, request, owner_uid=ctx.caller.uid)
 
-    job = d.jobs.submit(
+    return start_job(
+        ctx,
         "pack-root",
-        owner_uid=ctx.caller.uid,
         work=work,
         root=root.name,
         lock=Lock.SHARED,
         params={"name": root.name, **request.json()},
     )
-    return job_json(d.jobs.get_row(job.id))

@@ -15,6 +15,7 @@ from autogentoo.daemon import inputs, runner
 from autogentoo.daemon import roots as roots_mod
 from autogentoo.daemon import uploads as uploads_mod
 from autogentoo.daemon.api import router
+from autogentoo.daemon.api.common import start_job
 from autogentoo.daemon.config import Role
 from autogentoo.daemon.jobs import JobContext, Lock, job_json
 from autogentoo.daemon.routing import Ctx, doc_field, name_field
@@ -185,15 +186,9 @@ async def delete_root(ctx: Ctx) -> dict[str, Any]:
         roots_mod.forget(d, root.name)
         job.log.line(f"root {root.name} deleted")
 
-    job = d.jobs.submit(
-        "delete",
-        owner_uid=ctx.caller.uid,
-        work=work,
-        root=root.name,
-        lock=Lock.EXCLUSIVE,
-        params={"name": root.name},
+    return start_job(
+        ctx, "delete", work=work, root=root.name, lock=Lock.EXCLUSIVE, params={"name": root.name}
     )
-    return _job_response(d, job.id)
 
 
 @dataclass(frozen=True)
@@ -223,15 +218,14 @@ async def snapshot_root(ctx: Ctx) -> dict[str, Any]:
 
     # Shared: a snapshot only reads the root, so packing may go on meanwhile,
     # while no writer can change it half-way through a copy.
-    job = d.jobs.submit(
+    return start_job(
+        ctx,
         "snapshot",
-        owner_uid=ctx.caller.uid,
         work=work,
         root=root.name,
         lock=Lock.SHARED,
         params={"name": root.name, "snapshot": snap},
     )
-    return _job_response(d, job.id)
 
 
 @router.route(
@@ -266,15 +260,14 @@ async def rollback_root(ctx: Ctx) -> dict[str, Any]:
         await d.storage.rollback(root.name, snap)
         job.log.line(f"root {root.name} rolled back to {snap}")
 
-    job = d.jobs.submit(
+    return start_job(
+        ctx,
         "rollback",
-        owner_uid=ctx.caller.uid,
         work=work,
         root=root.name,
         lock=Lock.EXCLUSIVE,
         params={"name": root.name, "snapshot": snap},
     )
-    return _job_response(d, job.id)
 
 
 @dataclass(frozen=True)
@@ -353,15 +346,9 @@ async def bootstrap_root(ctx: Ctx) -> dict[str, Any]:
     async def work(job: JobContext) -> None:
         await roots_mod.bootstrap(d, job, root)
 
-    job = d.jobs.submit(
-        "bootstrap",
-        owner_uid=ctx.caller.uid,
-        work=work,
-        root=root.name,
-        lock=Lock.EXCLUSIVE,
-        params={"name": root.name},
+    return start_job(
+        ctx, "bootstrap", work=work, root=root.name, lock=Lock.EXCLUSIVE, params={"name": root.name}
     )
-    return _job_response(d, job.id)
 
 
 @router.route(
@@ -480,15 +467,14 @@ async def run_in_root(ctx: Ctx) -> dict[str, Any]:
 
             raise AgError(f"the {what} {describe_status(rc)}", code=Code.JOB_FAILED, returncode=rc)
 
-    job = d.jobs.submit(
+    return start_job(
+        ctx,
         "run",
-        owner_uid=ctx.caller.uid,
         work=work,
         root=root.name,
         lock=Lock.EXCLUSIVE,
         params={"name": root.name, "argv": argv, "recipe": b.recipe, "script": script is not None},
     )
-    return _job_response(d, job.id)
 
 
 async def _run_script(

@@ -16,8 +16,9 @@ from typing import Any
 from autogentoo import API_VERSION
 from autogentoo.daemon import inputs
 from autogentoo.daemon.api import router
+from autogentoo.daemon.api.common import start_job
 from autogentoo.daemon.config import Role
-from autogentoo.daemon.jobs import JobContext, job_json
+from autogentoo.daemon.jobs import JobContext
 from autogentoo.daemon.routing import Ctx, doc_field
 from autogentoo.daemon.service import DAEMON, Daemon
 
@@ -51,10 +52,7 @@ async def fetch_stage3(ctx: Ctx) -> dict[str, Any]:
     async def work(job: JobContext) -> None:
         await inputs.fetch_stage3(d, job, profile)
 
-    job = d.jobs.submit(
-        "stage3-fetch", owner_uid=ctx.caller.uid, work=work, params={"profile": profile}
-    )
-    return job_json(d.jobs.get_row(job.id))
+    return start_job(ctx, "stage3-fetch", work=work, params={"profile": profile})
 
 
 @router.route(
@@ -81,8 +79,7 @@ async def fetch_repo(ctx: Ctx) -> dict[str, Any]:
     async def work(job: JobContext) -> None:
         await inputs.fetch_repo(d, job)
 
-    job = d.jobs.submit("repo-fetch", owner_uid=ctx.caller.uid, work=work)
-    return job_json(d.jobs.get_row(job.id))
+    return start_job(ctx, "repo-fetch", work=work)
 
 
 @router.route(
@@ -140,10 +137,7 @@ async def fetch_kernel(ctx: Ctx) -> dict[str, Any]:
     async def work(job: JobContext) -> None:
         await inputs.fetch_kernel(d, job, version)
 
-    job = d.jobs.submit(
-        "kernel-fetch", owner_uid=ctx.caller.uid, work=work, params={"version": version}
-    )
-    return job_json(d.jobs.get_row(job.id))
+    return start_job(ctx, "kernel-fetch", work=work, params={"version": version})
 
 
 @router.route(
