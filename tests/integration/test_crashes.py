@@ -225,10 +225,18 @@ def _pack_again(d: DaemonProc, stage3: Path, big: Path) -> None:
     assert job["state"] == "succeeded", job
     arts = check_artifacts(d)
     assert job["result"]["artifact"] in {a["id"] for a in arts}
-    got = b"".join(d.client().stream(f"/artifacts/{job['result']['artifact']}/content"))
-    assert hashlib.sha256(got).hexdigest() == next(
-        a["sha256"] for a in arts if a["id"] == job["result"]["artifact"]
-    )
+    art = next(a for a in arts if a["id"] == job["result"]["artifact"])
+    got = b"".join(d.client().stream(f"/artifacts/{art['id']}/content"))
+    # A layered initramfs is its members back to back; its digest is over
+    # the members' digests, each of which must match its bytes.
+    offset, digests = 0, []
+    for m in art["members"]:
+        part = got[offset : offset + m["size"]]
+        assert hashlib.sha256(part).hexdigest() == m["sha256"]
+        digests.append(m["sha256"])
+        offset += m["size"]
+    assert offset == len(got)
+    assert hashlib.sha256("".join(digests).encode()).hexdigest() == art["sha256"]
 
 
 CASES = [
