@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -64,6 +65,21 @@ def pytest_report_header(config: pytest.Config) -> str:
             "processes run as other users import the installed one (run scripts/setup.sh)"
         )
     return f"autogentoo: installed copy matches {ROOT}"
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A temp dir under /tmp that other users can traverse.
+
+    pytest's tmp_path sits under a 0700 directory, so a daemon socket or a
+    stage3 there is out of reach of the throwaway users the tests act as.
+    """
+    path = Path(tempfile.mkdtemp(prefix="agt-w-", dir="/tmp"))
+    os.chmod(path, 0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

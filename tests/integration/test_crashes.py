@@ -158,16 +158,6 @@ def big_stage3() -> Iterator[Path]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="agt-cr-", dir="/tmp"))
-    os.chmod(path, 0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 # --- the crash cases ---------------------------------------------------------------
 
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,20 +24,9 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def shared_tmp() -> Iterator[Path]:
-    """A temp dir other users can traverse (pytest's tmp_path is under a 0700 dir)."""
-    path = Path(tempfile.mkdtemp(prefix="agt-d-", dir="/tmp"))
-    os.chmod(path, 0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def daemon(shared_tmp: Path) -> Iterator[DaemonProc]:
+def daemon(workdir: Path) -> Iterator[DaemonProc]:
     with running_daemon(
-        shared_tmp, {"socket_mode": "0666", "limits": {"request_header_timeout": 1}}
+        workdir, {"socket_mode": "0666", "limits": {"request_header_timeout": 1}}
     ) as d:
         yield d
 
@@ -56,7 +43,7 @@ def test_status_and_whoami_as_root(daemon: DaemonProc) -> None:
     assert json.loads(r.stdout)["role"] == "admin"
 
 
-def test_roles_with_real_users(shared_tmp: Path, make_user: MakeUser) -> None:
+def test_roles_with_real_users(workdir: Path, make_user: MakeUser) -> None:
     viewer = make_user(groups=["agt-viewers"])
     builder = make_user()
     admin = make_user(groups=["agt-admins"])
@@ -66,7 +53,7 @@ def test_roles_with_real_users(shared_tmp: Path, make_user: MakeUser) -> None:
         "groups": {"agt-viewers": "viewer", "agt-admins": "admin"},
         "join_group": "autogentoo",
     }
-    with running_daemon(shared_tmp, {"socket_mode": "0666", "policy": policy}) as d:
+    with running_daemon(workdir, {"socket_mode": "0666", "policy": policy}) as d:
         sock = str(d.socket)
 
         def whoami() -> dict[str, object]:
@@ -107,9 +94,9 @@ def test_roles_with_real_users(shared_tmp: Path, make_user: MakeUser) -> None:
         assert "refused GET /v1/status" in d.log()
 
 
-def test_socket_mode_keeps_strangers_out(shared_tmp: Path, make_user: MakeUser) -> None:
+def test_socket_mode_keeps_strangers_out(workdir: Path, make_user: MakeUser) -> None:
     stranger = make_user()
-    with running_daemon(shared_tmp) as d:
+    with running_daemon(workdir) as d:
         st = os.stat(d.socket)
         assert oct(st.st_mode & 0o777) == "0o660"
 
@@ -301,16 +288,16 @@ def test_internal_errors_hide_the_traceback(tmp_path: Path) -> None:
     assert any(r.exc_info and "secret detail" in str(r.exc_info[1]) for r in records)
 
 
-def test_stale_socket_is_replaced_live_one_is_not(shared_tmp: Path) -> None:
+def test_stale_socket_is_replaced_live_one_is_not(workdir: Path) -> None:
     from tests.helpers.daemon import write_config
 
-    _, sock_path = write_config(shared_tmp)
+    _, sock_path = write_config(workdir)
     sock_path.parent.mkdir(parents=True, exist_ok=True)
     # What a SIGKILLed daemon leaves: a socket file nobody listens on.
     s = socket.socket(socket.AF_UNIX)
     s.bind(str(sock_path))
     s.close()
-    with running_daemon(shared_tmp) as first:
+    with running_daemon(workdir) as first:
         assert first.call("GET", "/status")["pid"] == first.proc.pid
         config = first.config_path
         second = subprocess.run(
@@ -325,8 +312,8 @@ def test_stale_socket_is_replaced_live_one_is_not(shared_tmp: Path) -> None:
         assert first.call("GET", "/status")["pid"] == first.proc.pid
 
 
-def test_sigterm_stops_cleanly_and_removes_socket(shared_tmp: Path) -> None:
-    d = start_daemon(shared_tmp)
+def test_sigterm_stops_cleanly_and_removes_socket(workdir: Path) -> None:
+    d = start_daemon(workdir)
     assert d.stop(signal.SIGTERM) == 0
     assert not d.socket.exists()
     assert "stopping" in d.log()

@@ -15,12 +15,9 @@ raises to the hard limit anyway. The daemon's systemd unit sets LimitNOFILE
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import resource
-import shutil
 import statistics
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -154,16 +151,6 @@ def nofile() -> Iterator[None]:
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="agt-ld-", dir="/tmp"))
-    os.chmod(path, 0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def test_200_clients_while_a_job_streams(workdir: Path, nofile: None) -> None:

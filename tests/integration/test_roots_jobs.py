@@ -38,16 +38,6 @@ def stage3() -> Iterator[Path]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="agt-rj-", dir="/tmp"))
-    os.chmod(path, 0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def wait_job(d: DaemonProc, job: dict[str, Any], timeout: float = 60) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
