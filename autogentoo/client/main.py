@@ -153,6 +153,8 @@ def cmd_root_create(args: argparse.Namespace, c: Client) -> int:
     body: dict[str, Any] = {"name": args.name}
     if args.group:
         body["group"] = args.group
+    if args.backend:
+        body["backend"] = args.backend
     if args.digests:
         try:
             body["digests"] = _read_text(args.digests)
@@ -642,6 +644,11 @@ def _build(only: str | None) -> tuple[argparse.ArgumentParser, set[str]]:
         help="a stage3 tarball to upload, or the name of one in the daemon's stage3 directory",
     )
     sp.add_argument("--digests", help="the .DIGESTS or .sha256 file to verify it against")
+    sp.add_argument(
+        "--backend",
+        choices=["dir", "btrfs", "zfs"],
+        help="storage backend (default: the daemon's storage.backend)",
+    )
     sp.add_argument("--group", help="share the root with this group")
     _detach(sp)
     sp = add("show", cmd_root_show, "show a root", rsub)

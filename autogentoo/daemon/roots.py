@@ -102,8 +102,9 @@ async def unmount_all(daemon: Daemon, name: str) -> list[str]:
     from autogentoo.daemon.config import Backend
     from autogentoo.daemon.mounts import cleanup_under
 
+    storage = daemon.storage_of(name)
     return await cleanup_under(
-        str(daemon.storage.path(name)), include_root=daemon.storage.kind is not Backend.ZFS
+        str(storage.path(name)), include_root=storage.kind is not Backend.ZFS
     )
 
 
@@ -115,7 +116,12 @@ def usable(root: Root) -> None:
 
 
 def reserve(
-    daemon: Daemon, name: str, owner: Caller, group_gid: int | None, source: dict[str, Any]
+    daemon: Daemon,
+    name: str,
+    owner: Caller,
+    group_gid: int | None,
+    source: dict[str, Any],
+    backend: str | None = None,
 ) -> None:
     """Claim the name before any tree exists, so two imports cannot race for it."""
     try:
@@ -126,7 +132,7 @@ def reserve(
                 name,
                 owner.uid,
                 group_gid,
-                str(daemon.storage.kind),
+                backend or str(daemon.storage.kind),
                 st.now(),
                 st.dumps(source),
                 IMPORTING,
@@ -157,7 +163,7 @@ async def recover(daemon: Daemon) -> None:
             extra={"ROOT": root.name},
         )
         try:
-            await daemon.storage.destroy(root.name)
+            await daemon.storage_of(root.name).destroy(root.name)
         except AgError as e:
             log.error("cannot remove half root %s: %s", root.name, e.message)
             continue
@@ -187,7 +193,7 @@ async def import_stage3(
             matched = await digests_mod.verify(tarball, digests, filename=filename)
             ctx.log.line(f"digest ok: {matched}")
             ctx.result["digest"] = matched
-        dest = await daemon.storage.create(name)
+        dest = await daemon.storage_of(name).create(name)
         ctx.log.line(f"extracting {filename} into {dest}")
         last = [0]
 
@@ -204,7 +210,7 @@ async def import_stage3(
         await faults.point("import.extracted")
     except BaseException:
         ctx.log.line("import failed; removing the partial root")
-        await daemon.storage.destroy(name)
+        await daemon.storage_of(name).destroy(name)
         forget(daemon, name)
         raise
     set_state(daemon, name, READY)
@@ -283,7 +289,7 @@ BOOTSTRAP_DIRS = (
 async def bootstrap(daemon: Daemon, ctx: JobContext, root: Root) -> None:
     from autogentoo.daemon import pathsafe
 
-    path = daemon.storage.path(root.name)
+    path = daemon.storage_of(root.name).path(root.name)
     with pathsafe.RootDir(path) as rd:
         for d in BOOTSTRAP_DIRS:
             os.close(pathsafe.makedirs_in_root(rd.fd, d, 0o755))

@@ -45,16 +45,34 @@ class Daemon:
         # Tokens derived from job generations are only meaningful within one
         # daemon run: a restart must not trust walks made by the previous one.
         self.boot_id = secrets.token_hex(4)
-        self._storage: Storage | None = None
+        self._storages: dict[Any, Storage] = {}
         self._spawner: Spawner | None = None
 
     @property
     def storage(self) -> Storage:
-        if self._storage is None:
-            from autogentoo.daemon.storage import make_storage
+        """The default backend, where new roots go unless asked otherwise."""
+        return self.storage_for(str(self.config.storage.backend))
 
-            self._storage = make_storage(self.config)
-        return self._storage
+    def storage_for(self, backend: str) -> Storage:
+        """A backend by name: dir always; btrfs and zfs when configured."""
+        from autogentoo.daemon.config import Backend
+        from autogentoo.daemon.storage import make_storage
+        from autogentoo.errors import InvalidArgument
+
+        try:
+            kind = Backend(backend)
+        except ValueError:
+            raise InvalidArgument(
+                f"{backend!r} is not a storage backend (dir, btrfs, zfs)"
+            ) from None
+        if kind not in self._storages:
+            self._storages[kind] = make_storage(self.config, kind)
+        return self._storages[kind]
+
+    def storage_of(self, root: str) -> Storage:
+        """The backend a root lives on (recorded when it was made)."""
+        row = self.state.one("SELECT backend FROM roots WHERE name=?", (root,))
+        return self.storage_for(row["backend"]) if row else self.storage
 
     @property
     def spawner(self) -> Spawner:

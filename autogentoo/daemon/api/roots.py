@@ -47,6 +47,10 @@ class CreateRoot:
     group: str | None = doc_field(
         "share the root with this group (builders in it may use it)", default=None
     )
+    backend: str | None = doc_field(
+        "storage backend: dir, or btrfs/zfs when configured (default: storage.backend)",
+        default=None,
+    )
     profile: str | None = doc_field(
         "a stage3 profile fetched with `agctl stage3 fetch` (amd64-openrc): its newest"
         " verified tarball; a 'stage3' that names no file but such a profile means the same",
@@ -113,7 +117,12 @@ async def create_root(ctx: Ctx) -> dict[str, Any]:
             )
         source = {"stage3": filename}
         up = None
-    roots_mod.reserve(d, b.name, ctx.caller, group_gid, source)
+    backend = str(d.storage.kind)
+    if b.backend is not None:
+        storage = d.storage_for(b.backend)
+        await storage.probe()  # "not configured" now, not after the upload was read
+        backend = str(storage.kind)
+    roots_mod.reserve(d, b.name, ctx.caller, group_gid, source, backend)
 
     async def work(job: JobContext) -> None:
         await roots_mod.import_stage3(d, job, b.name, tarball, b.digests, filename)
@@ -152,9 +161,9 @@ def _stage3_name(untrusted: str) -> str:
 async def show_root(ctx: Ctx) -> dict[str, Any]:
     d = _daemon(ctx)
     root = roots_mod.get(d, ctx.param("name", "root name"))
-    out = root.json(d.storage.path(root.name))
+    out = root.json(d.storage_of(root.name).path(root.name))
     if root.state == roots_mod.READY:
-        out["snapshots"] = await d.storage.snapshots(root.name)
+        out["snapshots"] = await d.storage_of(root.name).snapshots(root.name)
     out["jobs"] = [j.id for j in d.jobs.running_on(root.name)]
     return out
 
@@ -182,7 +191,7 @@ async def delete_root(ctx: Ctx) -> dict[str, Any]:
         removed = await roots_mod.unmount_all(d, root.name)
         for m in removed:
             job.log.line(f"unmounted {m}")
-        await d.storage.destroy(root.name)
+        await d.storage_of(root.name).destroy(root.name)
         roots_mod.forget(d, root.name)
         job.log.line(f"root {root.name} deleted")
 
@@ -207,13 +216,13 @@ class SnapshotBody:
 async def snapshot_root(ctx: Ctx) -> dict[str, Any]:
     d, root = _writable(ctx)
     snap = ctx.body.snapshot
-    if snap in await d.storage.snapshots(root.name):
+    if snap in await d.storage_of(root.name).snapshots(root.name):
         raise AgError(
             f"root {root.name!r} already has a snapshot {snap!r}", code=Code.ALREADY_EXISTS
         )
 
     async def work(job: JobContext) -> None:
-        await d.storage.snapshot(root.name, snap)
+        await d.storage_of(root.name).snapshot(root.name, snap)
         job.log.line(f"snapshot {root.name}@{snap} taken")
 
     # Shared: a snapshot only reads the root, so packing may go on meanwhile,
@@ -238,7 +247,7 @@ async def snapshot_root(ctx: Ctx) -> dict[str, Any]:
 async def delete_snapshot(ctx: Ctx) -> dict[str, Any]:
     d, root = _writable(ctx)
     snap = ctx.param("snapshot", "snapshot name")
-    await d.storage.delete_snapshot(root.name, snap)
+    await d.storage_of(root.name).delete_snapshot(root.name, snap)
     return {"deleted": f"{root.name}@{snap}"}
 
 
@@ -253,11 +262,11 @@ async def delete_snapshot(ctx: Ctx) -> dict[str, Any]:
 async def rollback_root(ctx: Ctx) -> dict[str, Any]:
     d, root = _writable(ctx)
     snap = ctx.body.snapshot
-    if snap not in await d.storage.snapshots(root.name):
+    if snap not in await d.storage_of(root.name).snapshots(root.name):
         raise NotFound(f"root {root.name!r} has no snapshot {snap!r}")
 
     async def work(job: JobContext) -> None:
-        await d.storage.rollback(root.name, snap)
+        await d.storage_of(root.name).rollback(root.name, snap)
         job.log.line(f"root {root.name} rolled back to {snap}")
 
     return start_job(
@@ -302,15 +311,21 @@ async def clone_root(ctx: Ctx) -> dict[str, Any]:
             group_gid = grp.getgrnam(b.group).gr_gid
         except KeyError:
             raise NotFound(f"there is no group {b.group!r}") from None
+    # A clone lives where its source does (a zfs clone cannot leave its pool).
     roots_mod.reserve(
-        d, b.name, ctx.caller, group_gid, {"clone_of": src.name, "snapshot": b.snapshot}
+        d,
+        b.name,
+        ctx.caller,
+        group_gid,
+        {"clone_of": src.name, "snapshot": b.snapshot},
+        src.backend,
     )
 
     async def work(job: JobContext) -> None:
         try:
-            await d.storage.clone(src.name, b.name, b.snapshot)
+            await d.storage_of(src.name).clone(src.name, b.name, b.snapshot)
         except BaseException:
-            await d.storage.destroy(b.name)
+            await d.storage_of(b.name).destroy(b.name)
             roots_mod.forget(d, b.name)
             raise
         roots_mod.set_state(d, b.name, roots_mod.READY)
@@ -489,10 +504,10 @@ async def _run_script(
     from autogentoo.daemon import pathsafe
 
     rel = Path(str(runner.script_path(job.id)).lstrip("/"))
-    with pathsafe.RootDir(d.storage.path(root.name)) as rd:
+    with pathsafe.RootDir(d.storage_of(root.name).path(root.name)) as rd:
         dir_fd = pathsafe.makedirs_in_root(rd.fd, str(rel.parent), 0o700)
     try:
-        with pathsafe.RootDir(d.storage.path(root.name)) as rd:
+        with pathsafe.RootDir(d.storage_of(root.name).path(root.name)) as rd:
             pathsafe.write_file_in_root(rd.fd, str(rel), script, 0o700)
         return await runner.run_in_root(d, job, root, argv, env=env)
     finally:

@@ -13,10 +13,10 @@ from autogentoo.errors import BackendUnavailable
 __all__ = ["BtrfsStorage", "DirStorage", "Storage", "ZfsStorage", "make_storage"]
 
 
-def make_storage(cfg: Config) -> Storage:
-    """The configured backend; call `await storage.probe()` before use."""
+def make_storage(cfg: Config, backend: Backend | None = None) -> Storage:
+    """A backend (the configured default unless named); `await storage.probe()` before use."""
     s = cfg.storage
-    match s.backend:
+    match backend or s.backend:
         case Backend.DIR:
             return DirStorage(cfg.roots_dir)
         case Backend.BTRFS:
