@@ -223,6 +223,7 @@ async def pack_kernel(
         f" build directory {build_dir}"
     )
     async with kernel.build_lock(build_dir):
+        (build_dir / USED_MARKER).touch()
         merged = await kconfig.merge(source.path, build_dir, req.base, list(req.fragments), log=log)
         job.log.line(
             f"config merged and verified: {len(merged.requested)} requested option(s) all present"
@@ -269,6 +270,45 @@ async def pack_kernel(
     )
     job.result.update(artifact=art.id, cached=False)
     return art
+
+
+# --- pruning -----------------------------------------------------------------------
+
+USED_MARKER = ".autogentoo-last-used"
+# A build directory unused this long costs more disk than its relink saves.
+KEEP_BUILDS_SECONDS = 30 * 24 * 3600
+
+
+def prune_builds(base: Path, *, keep_seconds: float = KEEP_BUILDS_SECONDS) -> list[str]:
+    """Remove kernel build directories nobody used for keep_seconds (blocking).
+
+    A directory being built in is skipped: its lock is held.
+    """
+    import fcntl
+    import os
+    import time
+
+    removed: list[str] = []
+    if not base.is_dir():
+        return removed
+    now = time.time()
+    for d in base.iterdir():
+        marker = d / USED_MARKER
+        if not d.is_dir() or d.is_symlink() or not marker.exists():
+            continue
+        if now - marker.stat().st_mtime < keep_seconds:
+            continue
+        fd = os.open(d / ".autogentoo.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d.name)
+        finally:
+            os.close(fd)
+    return removed
 
 
 # --- boot-test ---------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
@@ -92,6 +93,11 @@ class Daemon:
         _clear_dir(self.config.tmp_dir)
         uploads.recover(self.state, self.config.uploads_dir)
         self.artifacts.recover()
+        from autogentoo.daemon.kernels import prune_builds
+
+        pruned = await asyncio.to_thread(prune_builds, self.config.caches.kernel_builds)
+        if pruned:
+            log.info("removed %d kernel build directories unused for 30 days", len(pruned))
         from autogentoo.daemon import roots
 
         await roots.recover(self)

@@ -480,6 +480,9 @@ class Spawner:
             del self._jobs[int(msg["id"])]
             if "error" in msg:
                 err = JobSetupError(f"job setup failed: {msg['error']}")
+                if "No space left on device" in str(msg["error"]):
+                    # Setting up a job on a full disk: the user's fix is space.
+                    err.code = Code.NO_SPACE
                 for fut in (pending.started, pending.done):
                     if not fut.done():
                         fut.set_exception(err)

@@ -161,3 +161,27 @@ def test_qemu_argv() -> None:
         "kvm", kernel=None, image=Path("/d.qcow2"), initrd=None, append="", memory="1G"
     )
     assert "file=/d.qcow2,if=virtio,format=qcow2,snapshot=on" in img and "-kernel" not in img
+
+
+def test_old_kernel_build_dirs_are_pruned_busy_ones_kept(tmp_path: Path) -> None:
+    import fcntl
+    import os
+    import time
+
+    from autogentoo.daemon.kernels import USED_MARKER, prune_builds
+
+    old, busy, fresh, foreign = (tmp_path / n for n in ("old", "busy", "fresh", "foreign"))
+    for d in (old, busy, fresh, foreign):
+        d.mkdir()
+    long_ago = time.time() - 40 * 24 * 3600
+    for d in (old, busy, fresh):
+        (d / USED_MARKER).touch()
+    for d in (old, busy):
+        os.utime(d / USED_MARKER, (long_ago, long_ago))
+    lock = os.open(busy / ".autogentoo.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # a build in progress
+    try:
+        assert prune_builds(tmp_path) == ["old"]
+    finally:
+        os.close(lock)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "foreign", "fresh"]
