@@ -24,7 +24,7 @@ from aiohttp import web
 
 from autogentoo.daemon.auth import Caller, require
 from autogentoo.daemon.config import Role
-from autogentoo.errors import BadRequest, Code, InvalidArgument, Unavailable
+from autogentoo.errors import BadRequest, Code, InvalidArgument
 from autogentoo.names import NAME_PATTERN, check_name
 
 # --- input schemas --------------------------------------------------------
@@ -398,7 +398,3 @@ def openapi(router: Router, version: str) -> dict[str, Any]:
         "paths": paths,
         "components": {"schemas": {"Error": error_schema}},
     }
-
-
-def unavailable(what: str) -> Unavailable:
-    return Unavailable(f"{what} is not available in this daemon yet")

@@ -24,10 +24,6 @@ from autogentoo.errors import AgError, Code
 
 log = logging.getLogger(__name__)
 
-Middleware = Callable[
-    [web.Request, Callable[[web.Request], Awaitable[web.StreamResponse]]],
-    Awaitable[web.StreamResponse],
-]
 
 # aiohttp's own refusals, as our codes.
 _HTTP_CODES = {
