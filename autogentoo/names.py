@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from autogentoo.errors import InvalidName
+from autogentoo.errors import InvalidArgument, InvalidName
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 NAME_PATTERN = NAME_RE.pattern
@@ -29,3 +29,23 @@ def check_name(untrusted: object, what: str = "name") -> str:
             value=shown,
         )
     return untrusted
+
+
+def check_file_name(untrusted: object, what: str = "file name") -> str:
+    """A single entry of a daemon-configured directory (stage3s, kernel sources,
+    config/kernel): no separator, no dot-file, no NUL, at most 255 bytes."""
+    if (
+        not isinstance(untrusted, str)
+        or not untrusted
+        or "/" in untrusted
+        or untrusted.startswith(".")
+        or "\0" in untrusted
+        or len(untrusted.encode()) > 255
+    ):
+        shown = repr(untrusted)[:60]
+        raise InvalidArgument(f"{shown} is not a valid {what}: one name, no '/', not hidden")
+    return untrusted
+
+
+# A tmpfs size as mount(8) takes it: 8G, 512m, 50%.
+SIZE_RE = re.compile(r"[0-9]+[kKmMgGtT%]?")

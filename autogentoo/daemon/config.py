@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from autogentoo.errors import AgError
-from autogentoo.names import check_name
+from autogentoo.names import SIZE_RE, check_name
 
 DEFAULT_CONFIG = Path("/etc/autogentoo/daemon.yaml")
 
@@ -168,8 +168,6 @@ class Config:
 
 
 # --- parsing -----------------------------------------------------------------
-
-_SIZE_RE = re.compile(r"[0-9]+[kKmMgGtT%]?")
 
 
 def _mapping(value: Any, where: str) -> Mapping[str, Any]:
@@ -338,7 +336,7 @@ def parse(data: Any, *, base: Config | None = None) -> Config:
         )
         cur_j = cfg.jobs
         size = j.get("portage_tmpfs_size", cur_j.portage_tmpfs_size)
-        if not isinstance(size, str) or not _SIZE_RE.fullmatch(size):
+        if not isinstance(size, str) or not SIZE_RE.fullmatch(size):
             raise ConfigError(f"jobs.portage_tmpfs_size: {size!r} is not a size like 8G or 50%")
         kw["jobs"] = JobConfig(
             max_parallel=_int(j.get("max_parallel", cur_j.max_parallel), "jobs.max_parallel", 1),

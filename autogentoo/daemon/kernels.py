@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from autogentoo.daemon import state as st
 from autogentoo.errors import AlreadyExists, InvalidArgument, JobFailed, NotFound
+from autogentoo.names import check_file_name
 
 if TYPE_CHECKING:
     from autogentoo.daemon.artifacts import Artifact
@@ -110,8 +111,7 @@ def register(
 
 def source_entry(daemon: Daemon, untrusted: str) -> Path:
     """A directory or tarball named in the configured kernel source directory."""
-    if not untrusted or "/" in untrusted or untrusted.startswith(".") or "\0" in untrusted:
-        raise InvalidArgument(f"{untrusted[:60]!r} is not a name in the kernel source directory")
+    check_file_name(untrusted, "name in the kernel source directory")
     path = daemon.config.kernel_source_dir / untrusted
     if not path.exists():
         have = (
@@ -168,8 +168,7 @@ FRAGMENT_SUFFIX = ".kconfig"
 def config_file(daemon: Daemon, untrusted: str, suffix: str) -> Path:
     """A file in config_dir/kernel/ by name (with or without its suffix)."""
     name = untrusted if untrusted.endswith(suffix) else untrusted + suffix
-    if "/" in name or name.startswith(".") or "\0" in name or len(name) > 128:
-        raise InvalidArgument(f"{untrusted[:60]!r} is not a name in config/kernel/")
+    check_file_name(name, "name in config/kernel/")
     path = daemon.config.config_dir / "kernel" / name
     if not path.is_file():
         have = sorted(p.name for p in (daemon.config.config_dir / "kernel").glob(f"*{suffix}"))

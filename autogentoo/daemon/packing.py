@@ -53,7 +53,7 @@ class PackRequest:
 def layers_for(daemon: Daemon, root: Root, req: PackRequest) -> list[Layer]:
     """The root, then config/common, then the overlays: later layers win."""
     cfg = daemon.config.config_dir
-    layers = [Layer("root", daemon.storage_of(root.name).path(root.name))]
+    layers = [Layer("root", daemon.storage_for(root.backend).path(root.name))]
     common = cfg / "common"
     if common.is_dir():
         layers.append(Layer("common", common))

@@ -163,7 +163,7 @@ async def recover(daemon: Daemon) -> None:
             extra={"ROOT": root.name},
         )
         try:
-            await daemon.storage_of(root.name).destroy(root.name)
+            await daemon.storage_for(root.backend).destroy(root.name)
         except AgError as e:
             log.error("cannot remove half root %s: %s", root.name, e.message)
             continue
@@ -289,7 +289,7 @@ BOOTSTRAP_DIRS = (
 async def bootstrap(daemon: Daemon, ctx: JobContext, root: Root) -> None:
     from autogentoo.daemon import pathsafe
 
-    path = daemon.storage_of(root.name).path(root.name)
+    path = daemon.storage_for(root.backend).path(root.name)
     with pathsafe.RootDir(path) as rd:
         for d in BOOTSTRAP_DIRS:
             os.close(pathsafe.makedirs_in_root(rd.fd, d, 0o755))

@@ -35,7 +35,7 @@ def cache_binds(daemon: Daemon, root: Root, *, sync_repos: bool) -> list[Bind]:
     from autogentoo.daemon.roots import chost_of
 
     caches = daemon.config.caches
-    chost = chost_of(daemon.storage_of(root.name).path(root.name))
+    chost = chost_of(daemon.storage_for(root.backend).path(root.name))
     binpkgs = caches.binpkgs / chost
     for d in (caches.distfiles, binpkgs, caches.repos):
         d.mkdir(parents=True, exist_ok=True, mode=0o755)
@@ -72,7 +72,7 @@ def job_spec(
     pty: bool = False,
 ) -> JobSpec:
     return JobSpec(
-        root=str(daemon.storage_of(root.name).path(root.name)),
+        root=str(daemon.storage_for(root.backend).path(root.name)),
         argv=tuple(argv),
         env=job_env(env, term="xterm" if pty else None),
         cwd="/",

@@ -46,6 +46,7 @@ from typing import Any, NoReturn
 from autogentoo.daemon import linux, mounts
 from autogentoo.daemon.mounts import Bind, ImageMount
 from autogentoo.errors import AgError, InvalidArgument, JobFailed
+from autogentoo.names import SIZE_RE
 
 __all__ = ["DEFAULT_ENV", "Bind", "ImageMount", "JobSetupError", "JobSpec", "enter", "job_env"]
 
@@ -56,7 +57,6 @@ DEFAULT_ENV: Mapping[str, str] = {
     "LANG": "C.UTF-8",
 }
 
-_SIZE_RE = re.compile(r"[0-9]+[kKmMgGtT%]?")
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,62})")
 
 # Signals a cancel may send; PID 1 forwards them to every process of the job.
@@ -134,7 +134,7 @@ class JobSpec:
                 raise InvalidArgument(f"image target {i.target!r} must not contain '..'")
             if i.fstype not in mounts.IMAGE_FSTYPES:
                 raise InvalidArgument(f"image type {i.fstype!r} is not supported")
-        if not _SIZE_RE.fullmatch(self.portage_tmpfs_size):
+        if not SIZE_RE.fullmatch(self.portage_tmpfs_size):
             raise InvalidArgument(
                 f"portage tmpfs size {self.portage_tmpfs_size!r} is not a size like 8G or 50%"
             )

@@ -113,7 +113,7 @@ async def build_image(ctx: Ctx) -> dict[str, Any]:
         name = f"disk.{fmt}"
         try:
             res = await image_mod.build_image(
-                d.storage_of(root.name).path(root.name),
+                d.storage_for(root.backend).path(root.name),
                 kernel_art.path,
                 staging / name,
                 size=size,

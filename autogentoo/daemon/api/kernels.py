@@ -21,6 +21,7 @@ from autogentoo.daemon.packroot import Compression
 from autogentoo.daemon.routing import Ctx, doc_field, name_field
 from autogentoo.daemon.service import DAEMON, Daemon
 from autogentoo.errors import InvalidArgument
+from autogentoo.names import check_file_name
 
 V = f"/{API_VERSION}"
 
@@ -101,9 +102,7 @@ async def delete_kernel(ctx: Ctx) -> dict[str, Any]:
 
 
 def _fragment_name(value: str) -> str:
-    if not value or "/" in value or value.startswith(".") or len(value) > 128:
-        raise InvalidArgument(f"{value[:60]!r} is not a fragment name from config/kernel/")
-    return value
+    return check_file_name(value, "name from config/kernel/")
 
 
 @dataclass(frozen=True)

@@ -17,21 +17,17 @@ from autogentoo.daemon import uploads as uploads_mod
 from autogentoo.daemon.api import router
 from autogentoo.daemon.api.common import start_job
 from autogentoo.daemon.config import Role
-from autogentoo.daemon.jobs import JobContext, Lock, job_json
+from autogentoo.daemon.jobs import JobContext, Lock
 from autogentoo.daemon.routing import Ctx, doc_field, name_field
 from autogentoo.daemon.service import DAEMON, Daemon
 from autogentoo.errors import AgError, Code, Forbidden, InvalidArgument, NotFound
-from autogentoo.names import check_name
+from autogentoo.names import check_file_name, check_name
 
 V = f"/{API_VERSION}/roots"
 
 
 def _daemon(ctx: Ctx) -> Daemon:
     return ctx.request.app[DAEMON]
-
-
-def _job_response(d: Daemon, job_id: int) -> dict[str, Any]:
-    return job_json(d.jobs.get_row(job_id))
 
 
 @dataclass(frozen=True)
@@ -79,18 +75,11 @@ async def create_root(ctx: Ctx) -> dict[str, Any]:
     profile = b.profile
     if (
         b.stage3 is not None
-        and not (d.config.stage3_dir / _stage3_name(b.stage3)).is_file()
+        and not (d.config.stage3_dir / check_file_name(b.stage3, "stage3 file name")).is_file()
         and inputs.newest_stage3(d, b.stage3) is not None
     ):
         profile = b.stage3
-    group_gid = None
-    if b.group is not None:
-        try:
-            group_gid = grp.getgrnam(b.group).gr_gid
-        except KeyError:
-            raise NotFound(f"there is no group {b.group!r}") from None
-        if group_gid not in ctx.caller.gids and not ctx.caller.is_admin:
-            raise Forbidden(f"you are not in group {b.group!r}, so you cannot share with it")
+    group_gid = _share_with(ctx, b.group)
     if b.upload is not None:
         up = uploads_mod.get(d.state, d.config.uploads_dir, b.upload, ctx.caller)
         tarball, filename = up.path, up.filename
@@ -108,7 +97,7 @@ async def create_root(ctx: Ctx) -> dict[str, Any]:
         up = None
     else:
         assert b.stage3 is not None
-        filename = _stage3_name(b.stage3)
+        filename = check_file_name(b.stage3, "stage3 file name")
         tarball = d.config.stage3_dir / filename
         if not tarball.is_file():
             raise NotFound(
@@ -130,9 +119,9 @@ async def create_root(ctx: Ctx) -> dict[str, Any]:
             uploads_mod.delete(d.state, up)
 
     try:
-        job = d.jobs.submit(
+        return start_job(
+            ctx,
             "import",
-            owner_uid=ctx.caller.uid,
             work=work,
             root=b.name,
             lock=Lock.EXCLUSIVE,
@@ -141,29 +130,28 @@ async def create_root(ctx: Ctx) -> dict[str, Any]:
     except BaseException:
         roots_mod.forget(d, b.name)
         raise
-    return _job_response(d, job.id)
 
 
-def _stage3_name(untrusted: str) -> str:
-    # A file name in one directory: no separators, no dot-files, no NULs.
-    if (
-        not untrusted
-        or "/" in untrusted
-        or untrusted.startswith(".")
-        or "\0" in untrusted
-        or len(untrusted) > 255
-    ):
-        raise InvalidArgument(f"{untrusted[:60]!r} is not a stage3 file name")
-    return untrusted
+def _share_with(ctx: Ctx, group: str | None) -> int | None:
+    """The gid to share a new root with; only a member of a group may share with it."""
+    if group is None:
+        return None
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise NotFound(f"there is no group {group!r}") from None
+    if gid not in ctx.caller.gids and not ctx.caller.is_admin:
+        raise Forbidden(f"you are not in group {group!r}, so you cannot share with it")
+    return gid
 
 
 @router.route("GET", V + "/{name}", role=Role.VIEWER, summary="Show a root", tag="roots")
 async def show_root(ctx: Ctx) -> dict[str, Any]:
     d = _daemon(ctx)
     root = roots_mod.get(d, ctx.param("name", "root name"))
-    out = root.json(d.storage_of(root.name).path(root.name))
+    out = root.json(d.storage_for(root.backend).path(root.name))
     if root.state == roots_mod.READY:
-        out["snapshots"] = await d.storage_of(root.name).snapshots(root.name)
+        out["snapshots"] = await d.storage_for(root.backend).snapshots(root.name)
     out["jobs"] = [j.id for j in d.jobs.running_on(root.name)]
     return out
 
@@ -191,7 +179,7 @@ async def delete_root(ctx: Ctx) -> dict[str, Any]:
         removed = await roots_mod.unmount_all(d, root.name)
         for m in removed:
             job.log.line(f"unmounted {m}")
-        await d.storage_of(root.name).destroy(root.name)
+        await d.storage_for(root.backend).destroy(root.name)
         roots_mod.forget(d, root.name)
         job.log.line(f"root {root.name} deleted")
 
@@ -216,13 +204,13 @@ class SnapshotBody:
 async def snapshot_root(ctx: Ctx) -> dict[str, Any]:
     d, root = _writable(ctx)
     snap = ctx.body.snapshot
-    if snap in await d.storage_of(root.name).snapshots(root.name):
+    if snap in await d.storage_for(root.backend).snapshots(root.name):
         raise AgError(
             f"root {root.name!r} already has a snapshot {snap!r}", code=Code.ALREADY_EXISTS
         )
 
     async def work(job: JobContext) -> None:
-        await d.storage_of(root.name).snapshot(root.name, snap)
+        await d.storage_for(root.backend).snapshot(root.name, snap)
         job.log.line(f"snapshot {root.name}@{snap} taken")
 
     # Shared: a snapshot only reads the root, so packing may go on meanwhile,
@@ -247,7 +235,7 @@ async def snapshot_root(ctx: Ctx) -> dict[str, Any]:
 async def delete_snapshot(ctx: Ctx) -> dict[str, Any]:
     d, root = _writable(ctx)
     snap = ctx.param("snapshot", "snapshot name")
-    await d.storage_of(root.name).delete_snapshot(root.name, snap)
+    await d.storage_for(root.backend).delete_snapshot(root.name, snap)
     return {"deleted": f"{root.name}@{snap}"}
 
 
@@ -262,11 +250,11 @@ async def delete_snapshot(ctx: Ctx) -> dict[str, Any]:
 async def rollback_root(ctx: Ctx) -> dict[str, Any]:
     d, root = _writable(ctx)
     snap = ctx.body.snapshot
-    if snap not in await d.storage_of(root.name).snapshots(root.name):
+    if snap not in await d.storage_for(root.backend).snapshots(root.name):
         raise NotFound(f"root {root.name!r} has no snapshot {snap!r}")
 
     async def work(job: JobContext) -> None:
-        await d.storage_of(root.name).rollback(root.name, snap)
+        await d.storage_for(root.backend).rollback(root.name, snap)
         job.log.line(f"root {root.name} rolled back to {snap}")
 
     return start_job(
@@ -305,12 +293,7 @@ async def clone_root(ctx: Ctx) -> dict[str, Any]:
     roots_mod.check_access(ctx.caller, src, write=True)
     roots_mod.usable(src)
     b: CloneBody = ctx.body
-    group_gid = src.group_gid
-    if b.group is not None:
-        try:
-            group_gid = grp.getgrnam(b.group).gr_gid
-        except KeyError:
-            raise NotFound(f"there is no group {b.group!r}") from None
+    group_gid = src.group_gid if b.group is None else _share_with(ctx, b.group)
     # A clone lives where its source does (a zfs clone cannot leave its pool).
     roots_mod.reserve(
         d,
@@ -323,9 +306,9 @@ async def clone_root(ctx: Ctx) -> dict[str, Any]:
 
     async def work(job: JobContext) -> None:
         try:
-            await d.storage_of(src.name).clone(src.name, b.name, b.snapshot)
+            await d.storage_for(src.backend).clone(src.name, b.name, b.snapshot)
         except BaseException:
-            await d.storage_of(b.name).destroy(b.name)
+            await d.storage_for(src.backend).destroy(b.name)
             roots_mod.forget(d, b.name)
             raise
         roots_mod.set_state(d, b.name, roots_mod.READY)
@@ -334,9 +317,9 @@ async def clone_root(ctx: Ctx) -> dict[str, Any]:
         )
 
     try:
-        job = d.jobs.submit(
+        return start_job(
+            ctx,
             "clone",
-            owner_uid=ctx.caller.uid,
             work=work,
             root=src.name,
             lock=Lock.SHARED if b.snapshot else Lock.EXCLUSIVE,
@@ -345,7 +328,6 @@ async def clone_root(ctx: Ctx) -> dict[str, Any]:
     except BaseException:
         roots_mod.forget(d, b.name)
         raise
-    return _job_response(d, job.id)
 
 
 @router.route(
@@ -504,10 +486,10 @@ async def _run_script(
     from autogentoo.daemon import pathsafe
 
     rel = Path(str(runner.script_path(job.id)).lstrip("/"))
-    with pathsafe.RootDir(d.storage_of(root.name).path(root.name)) as rd:
+    with pathsafe.RootDir(d.storage_for(root.backend).path(root.name)) as rd:
         dir_fd = pathsafe.makedirs_in_root(rd.fd, str(rel.parent), 0o700)
     try:
-        with pathsafe.RootDir(d.storage_of(root.name).path(root.name)) as rd:
+        with pathsafe.RootDir(d.storage_for(root.backend).path(root.name)) as rd:
             pathsafe.write_file_in_root(rd.fd, str(rel), script, 0o700)
         return await runner.run_in_root(d, job, root, argv, env=env)
     finally:

@@ -64,7 +64,7 @@ async def root_shell(ctx: Ctx) -> web.StreamResponse:
     await ws.prepare(ctx.request)
 
     async def work(job: JobContext) -> None:
-        path = d.storage_of(root.name).path(root.name)
+        path = d.storage_for(root.backend).path(root.name)
         shell = next((s for s in SHELLS if os.path.exists(f"{path}{s}")), "/bin/sh")
         master, slave = os.openpty()
         try:
